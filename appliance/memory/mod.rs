@@ -1,0 +1,10 @@
+//! Physical memory: the frame allocator (pure, host-tested), and on the target the kernel's
+//! page tables and heap built from the loader's memory map.
+
+pub mod frames;
+#[cfg(target_os = "none")]
+pub mod heap;
+#[cfg(target_os = "none")]
+pub mod layout;
+#[cfg(target_os = "none")]
+pub mod paging;
