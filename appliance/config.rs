@@ -9,6 +9,7 @@
 //! | `log=error\|warn\|info\|debug\|trace` | log level (default `info`) |
 //! | `test=ready` | after the ready line, check the timer and exit with success |
 //! | `test=pagefault` | after the ready line, touch an unmapped page (the report must follow) |
+//! | `test=stackoverflow` | after the ready line, recurse into the stack guard page |
 //! | `exit=debug` | exit through QEMU's `isa-debug-exit` port (tests) instead of halting |
 
 use log::LevelFilter;
@@ -20,6 +21,9 @@ pub enum TestAction {
     Ready,
     /// Deliberately read an unmapped address; the exception report must appear.
     PageFault,
+    /// Recurse until the kernel stack hits its guard page; the report (taken on an IST
+    /// stack) must name the overflow.
+    StackOverflow,
 }
 
 /// How the kernel ends when it has to stop (fatal error or a finished test).
@@ -70,6 +74,7 @@ impl Config {
                 "test" => match value {
                     "ready" => Some(TestAction::Ready),
                     "pagefault" => Some(TestAction::PageFault),
+                    "stackoverflow" => Some(TestAction::StackOverflow),
                     _ => None,
                 }
                 .map(|t| cfg.test = Some(t))

@@ -248,5 +248,22 @@ async fn appliance(handle: Handle, hypervisor: Hypervisor, config: Config) {
             error!("test: unmapped read returned {v:#x}; no fault was taken");
             fatal_stop();
         }
+        Some(TestAction::StackOverflow) => {
+            info!("test: recursing into the stack guard page (expect a stack-overflow report)");
+            let depth = recurse(core::hint::black_box(0));
+            error!("test: recursion returned at depth {depth}; no fault was taken");
+            fatal_stop();
+        }
     }
+}
+
+/// Uses a page of stack per level until the guard page below the stack is hit.
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    let mut pad = [0u8; 4096];
+    core::hint::black_box(&mut pad);
+    if depth == u64::MAX {
+        return depth;
+    }
+    recurse(depth + 1) + u64::from(pad[depth as usize % 4096])
 }

@@ -8,7 +8,7 @@
 
 use core::arch::global_asm;
 use core::fmt::Write;
-use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
 use hvnet_runtime::irq::IrqSignal;
 use x86_64::instructions::tables::lidt;
@@ -150,6 +150,8 @@ static mut IDT: Idt = Idt(
 
 /// Signals raised by device vectors; null when nothing is registered.
 static SIGNALS: [AtomicPtr<IrqSignal>; 256] = [const { AtomicPtr::new(core::ptr::null_mut()) }; 256];
+/// Set while an exception report is being printed.
+static IN_EXCEPTION: AtomicBool = AtomicBool::new(false);
 /// Interrupts that arrived on a vector nobody registered.
 static UNEXPECTED: AtomicU64 = AtomicU64::new(0);
 
@@ -270,6 +272,12 @@ const EXCEPTION_NAMES: [&str; 32] = [
 fn exception(frame: &TrapFrame) -> ! {
     let v = frame.vector as usize;
     let mut w = EmergencyWriter;
+    // A fault inside the report would reuse (and overwrite) the same IST stack: say so
+    // briefly and stop instead of recursing.
+    if IN_EXCEPTION.swap(true, Ordering::Relaxed) {
+        let _ = writeln!(w, "\n*** nested EXCEPTION {v} at RIP {:#x} while reporting; halting ***", frame.rip);
+        crate::fatal_stop();
+    }
     let _ = writeln!(w, "\n*** EXCEPTION {v} ({}) ***", EXCEPTION_NAMES[v & 31]);
     let _ = writeln!(w, "error code {:#x}  RIP {:#018x}  CS {:#x}  RFLAGS {:#x}", frame.error_code, frame.rip, frame.cs, frame.rflags);
     if v == 14 {
@@ -302,7 +310,10 @@ fn exception(frame: &TrapFrame) -> ! {
 /// addresses (the kernel is built with frame pointers), reading only kernel-image memory.
 fn stack_summary(w: &mut EmergencyWriter, frame: &TrapFrame) {
     let (lo, hi) = crate::memory::layout::kernel_image();
-    let readable = |addr: u64| addr % 8 == 0 && addr >= lo && addr.saturating_add(8) <= hi;
+    let guard = crate::memory::layout::stack_guard();
+    let readable = |addr: u64| {
+        addr % 8 == 0 && addr >= lo && addr.saturating_add(8) <= hi && !(guard.0..guard.1).contains(&addr)
+    };
     if readable(frame.rsp) {
         let _ = write!(w, "stack:");
         for i in 0..8u64 {
