@@ -298,7 +298,9 @@ impl<T> Deref for ConfigGuard<'_, T> {
 
 impl<T> DerefMut for ConfigGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
-        self.data.as_deref_mut().expect("guard data present until drop")
+        self.data
+            .as_deref_mut()
+            .expect("guard data present until drop")
     }
 }
 

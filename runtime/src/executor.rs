@@ -67,6 +67,11 @@ impl<P: Platform + 'static> Executor<P> {
         &self.platform
     }
 
+    /// What every live task is doing (for a watchdog or a debug command).
+    pub fn report(&self) -> crate::Report {
+        self.core.report()
+    }
+
     /// Runs tasks forever.
     pub fn run(&self) -> ! {
         loop {

@@ -11,6 +11,7 @@ use core::future::{poll_fn, Future};
 use core::pin::{pin, Pin};
 use core::task::{Context, Poll};
 
+use crate::report::Report;
 use crate::sched::Core;
 use crate::task::{joinable, JoinHandle};
 use crate::time::{Duration, Elapsed, Instant};
@@ -135,6 +136,12 @@ impl Handle {
         } else {
             self.core.random_u64() % bound
         }
+    }
+
+    /// What every live task is doing now: for a watchdog task that finds no progress,
+    /// or for logging on a debug command.
+    pub fn report(&self) -> Report {
+        self.core.report()
     }
 
     /// How many tasks are alive (spawned and not finished).

@@ -16,9 +16,9 @@
 //! interrupts and checks [`any_pending`]: a raise between the executor's last dispatch
 //! and the `hlt` is then seen, not slept through.
 
-use core::sync::atomic::{AtomicBool, Ordering};
 use core::future::Future;
 use core::pin::Pin;
+use core::sync::atomic::{AtomicBool, Ordering};
 use core::task::{Context, Poll};
 
 use crate::current;

@@ -45,9 +45,9 @@ extern crate alloc;
 #[cfg(any(test, feature = "std"))]
 extern crate std;
 
-mod config_lock;
+pub mod config_lock;
 mod current;
-mod executor;
+pub mod executor;
 mod handle;
 pub mod irq;
 mod report;
@@ -60,7 +60,7 @@ mod task;
 pub mod testing;
 pub mod time;
 pub mod wait;
-mod worker;
+pub mod worker;
 
 #[cfg(test)]
 mod tests;

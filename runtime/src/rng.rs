@@ -21,7 +21,10 @@ impl Pcg32 {
     /// without drawing from each other's sequence.
     pub const fn new(seed: u64, stream: u64) -> Self {
         let increment = (stream << 1) | 1;
-        let mut rng = Pcg32 { state: 0, increment };
+        let mut rng = Pcg32 {
+            state: 0,
+            increment,
+        };
         rng.state = rng.state.wrapping_mul(MULTIPLIER).wrapping_add(increment);
         rng.state = rng.state.wrapping_add(seed);
         rng.state = rng.state.wrapping_mul(MULTIPLIER).wrapping_add(increment);

@@ -12,15 +12,12 @@
 //! none of it: they only set atomics in an [`IrqSignal`](crate::irq::IrqSignal).
 
 use alloc::borrow::Cow;
-use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::rc::{Rc, Weak};
 use alloc::string::{String, ToString};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
-use core::future::Future;
-use core::pin::Pin;
 use core::sync::atomic::{AtomicBool, Ordering};
 use core::task::{Context, Poll, Waker};
 
@@ -28,7 +25,7 @@ use crate::current::{self, Current};
 use crate::irq::IrqSignal;
 use crate::report::{Report, TaskReport};
 use crate::rng::Pcg32;
-use crate::task::{TaskHeader, TaskId, TaskWaker};
+use crate::task::{BoxedTask, TaskHeader, TaskId, TaskWaker};
 use crate::time::Instant;
 use crate::Platform;
 
@@ -109,7 +106,7 @@ struct TaskSlot {
     waker_state: Arc<TaskWaker>,
     waker: Waker,
     /// `None` while the task is being polled.
-    future: Option<Pin<Box<dyn Future<Output = ()>>>>,
+    future: Option<BoxedTask>,
 }
 
 /// What polling one task did.
@@ -131,6 +128,9 @@ pub(crate) struct Core {
     timers: RefCell<BTreeMap<(Instant, u64), Waker>>,
     next_timer: Cell<u64>,
     reporters: RefCell<Vec<Weak<dyn Reporter>>>,
+    /// Woken tasks the simulation has taken off the wake queue and not yet polled,
+    /// ordered by id so that its seeded pick is reproducible.
+    pub(crate) collected: RefCell<BTreeSet<TaskId>>,
     /// Randomness for code that asks the handle (fault injection, jitter). Its own stream,
     /// so drawing from it does not shift the simulation's scheduling decisions.
     rng: RefCell<Pcg32>,
@@ -146,6 +146,7 @@ impl Core {
             timers: RefCell::new(BTreeMap::new()),
             next_timer: Cell::new(0),
             reporters: RefCell::new(Vec::new()),
+            collected: RefCell::new(BTreeSet::new()),
             rng: RefCell::new(Pcg32::new(seed, 0x6876_6e65_7421)),
         }
     }
@@ -170,11 +171,7 @@ impl Core {
         self.rng.borrow_mut().next_u64()
     }
 
-    pub(crate) fn spawn_boxed(
-        &self,
-        header: Arc<TaskHeader>,
-        future: Pin<Box<dyn Future<Output = ()>>>,
-    ) {
+    pub(crate) fn spawn_boxed(&self, header: Arc<TaskHeader>, future: BoxedTask) {
         let id = header.id;
         let waker_state = Arc::new(TaskWaker {
             id,
@@ -269,6 +266,7 @@ impl Core {
         let tasks = core::mem::take(&mut *self.tasks.borrow_mut());
         drop(tasks);
         self.take_ready();
+        self.collected.borrow_mut().clear();
     }
 
     pub(crate) fn add_timer(&self, deadline: Instant, waker: Waker) -> (Instant, u64) {
@@ -326,8 +324,11 @@ impl Core {
         reporters.push(reporter);
     }
 
-    /// Describes every live task; `ready` tells which ones are runnable.
-    pub(crate) fn report(&self, ready: &BTreeSet<TaskId>) -> Report {
+    /// Describes every live task and what it waits on; a task is marked ready if it is
+    /// in the wake queue or collected by the simulation.
+    pub(crate) fn report(&self) -> Report {
+        let mut ready: BTreeSet<TaskId> = self.collected.borrow().clone();
+        ready.extend(self.shared.ready.lock().iter().copied());
         let headers: Vec<Arc<TaskHeader>> = self
             .tasks
             .borrow()
@@ -348,7 +349,12 @@ impl Core {
             })
             .collect();
         let mut notes = Vec::new();
-        let reporters: Vec<_> = self.reporters.borrow().iter().filter_map(|r| r.upgrade()).collect();
+        let reporters: Vec<_> = self
+            .reporters
+            .borrow()
+            .iter()
+            .filter_map(|r| r.upgrade())
+            .collect();
         for reporter in reporters {
             reporter.report(&mut notes);
         }

@@ -19,7 +19,6 @@
 //! seeds and prints the command that replays a failing one.
 
 use alloc::borrow::Cow;
-use alloc::collections::BTreeSet;
 use alloc::rc::Rc;
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
@@ -174,8 +173,6 @@ pub struct Simulation {
     config: Config,
     core: Rc<Core>,
     rng: RefCell<Pcg32>,
-    /// Tasks woken and not yet polled, ordered by id.
-    ready: RefCell<BTreeSet<TaskId>>,
     steps: Cell<u64>,
     trace: RefCell<Vec<Pick>>,
     /// FNV-1a over (task id, time) of every pick: a cheap schedule fingerprint.
@@ -198,7 +195,6 @@ impl Simulation {
             config,
             core: Rc::new(Core::new(Clock::Virtual(Cell::new(Instant::ZERO)), seed)),
             rng: RefCell::new(Pcg32::new(seed, 0x5eed)),
-            ready: RefCell::new(BTreeSet::new()),
             steps: Cell::new(0),
             trace: RefCell::new(Vec::new()),
             fingerprint: Cell::new(FNV_OFFSET),
@@ -243,7 +239,7 @@ impl Simulation {
     /// A snapshot of every live task.
     pub fn report(&self) -> Report {
         self.collect_ready();
-        self.core.report(&self.ready.borrow())
+        self.core.report()
     }
 
     /// Runs the simulation until `future` (spawned as task `main`) completes, returning
@@ -265,7 +261,7 @@ impl Simulation {
             self.core.fire_timers(self.core.now());
             self.collect_ready();
 
-            if self.ready.borrow().is_empty() {
+            if self.core.collected.borrow().is_empty() {
                 match self.core.next_deadline() {
                     Some(deadline) if deadline > limit => return Err(self.time_limit(limit)),
                     Some(deadline) => {
@@ -296,7 +292,10 @@ impl Simulation {
             let id = self.pick();
             self.core.poll(id);
 
-            let cost = self.rng.borrow_mut().below(self.poll_cost_nanos() + 1);
+            let cost = self
+                .rng
+                .borrow_mut()
+                .below(self.poll_cost_nanos().saturating_add(1));
             let after = self.now() + Duration::from_nanos(cost);
             if after > limit {
                 return Err(self.time_limit(limit));
@@ -306,7 +305,7 @@ impl Simulation {
     }
 
     fn poll_cost_nanos(&self) -> u64 {
-        u64::try_from(self.config.poll_cost.as_nanos()).unwrap_or(u64::MAX - 1)
+        u64::try_from(self.config.poll_cost.as_nanos()).unwrap_or(u64::MAX)
     }
 
     fn time_limit(&self, limit: Instant) -> SimError {
@@ -322,7 +321,7 @@ impl Simulation {
     /// Moves woken tasks from the wake queue into the ordered ready set.
     fn collect_ready(&self) {
         let woken = self.core.take_ready();
-        let mut ready = self.ready.borrow_mut();
+        let mut ready = self.core.collected.borrow_mut();
         for id in woken {
             if self.core.contains(id) {
                 ready.insert(id);
@@ -332,7 +331,7 @@ impl Simulation {
 
     /// Takes the seeded choice out of the ready set and records it.
     fn pick(&self) -> TaskId {
-        let mut ready = self.ready.borrow_mut();
+        let mut ready = self.core.collected.borrow_mut();
         let count = ready.len();
         let index = self.rng.borrow_mut().below(count as u64) as usize;
         let id = ready.iter().nth(index).copied().unwrap_or(TaskId(0));
@@ -351,7 +350,11 @@ impl Simulation {
         self.fingerprint.set(hash);
 
         if self.config.record_trace || log::log_enabled!(log::Level::Trace) {
-            let name = self.core.header(id).map(|h| h.name.clone()).unwrap_or_default();
+            let name = self
+                .core
+                .header(id)
+                .map(|h| h.name.clone())
+                .unwrap_or_default();
             log::trace!(
                 "seed {} step {step} at {time}: pick task {id} ({name}) of {count} ready",
                 self.seed

@@ -215,12 +215,12 @@ impl<T> Future for JoinHandle<T> {
     }
 }
 
+/// A task's future as the executor stores it.
+pub(crate) type BoxedTask = Pin<Box<dyn Future<Output = ()>>>;
+
 /// Wraps a task's future so that its output lands in the join state. Returns the
 /// type-erased future the executor stores, and the handle.
-pub(crate) fn joinable<F>(
-    future: F,
-    header: Arc<TaskHeader>,
-) -> (Pin<Box<dyn Future<Output = ()>>>, JoinHandle<F::Output>)
+pub(crate) fn joinable<F>(future: F, header: Arc<TaskHeader>) -> (BoxedTask, JoinHandle<F::Output>)
 where
     F: Future + 'static,
     F::Output: 'static,

@@ -123,7 +123,12 @@ impl log::Log for StderrLogger {
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
             // eprintln! output is captured per test by the harness and shown on failure.
-            eprintln!("{:5} {}: {}", record.level(), record.target(), record.args());
+            eprintln!(
+                "{:5} {}: {}",
+                record.level(),
+                record.target(),
+                record.args()
+            );
         }
     }
 

@@ -105,7 +105,10 @@ impl Worker {
         let name = item_name.into();
         let mut state = self.inner.state.borrow_mut();
         if state.stopping {
-            log::warn!("worker {}: item {name} queued after stop, dropped", self.inner.name);
+            log::warn!(
+                "worker {}: item {name} queued after stop, dropped",
+                self.inner.name
+            );
             return Err(WorkerStopped {
                 worker: self.inner.name.clone(),
             });
@@ -125,14 +128,14 @@ impl Worker {
     }
 
     /// Items queued or running.
-    pub fn len(&self) -> usize {
+    pub fn pending(&self) -> usize {
         let state = self.inner.state.borrow();
         state.queue.len() + usize::from(state.running.is_some())
     }
 
     /// Whether nothing is queued or running.
     pub fn is_idle(&self) -> bool {
-        self.len() == 0
+        self.pending() == 0
     }
 
     /// The item running now, if any.
@@ -156,7 +159,10 @@ impl Worker {
             let left = target - state.finished;
             drop(state);
             annotate_reason(
-                WaitReason::shared(format!("flush of worker {} ({left} items left)", inner.name)),
+                WaitReason::shared(format!(
+                    "flush of worker {} ({left} items left)",
+                    inner.name
+                )),
                 false,
             );
             Poll::Pending

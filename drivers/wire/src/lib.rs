@@ -196,7 +196,10 @@ mod tests {
     fn sub_slice_checks_overflow() {
         let b = [0u8; 4];
         assert_eq!(sub_slice(&b, 1, 3, WireError::BadOffset), Ok(&b[1..]));
-        assert_eq!(sub_slice(&b, 2, 3, WireError::BadOffset), Err(WireError::BadOffset));
+        assert_eq!(
+            sub_slice(&b, 2, 3, WireError::BadOffset),
+            Err(WireError::BadOffset)
+        );
         assert_eq!(
             sub_slice(&b, usize::MAX, 2, WireError::BadOffset),
             Err(WireError::BadOffset)

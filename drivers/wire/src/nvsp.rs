@@ -218,7 +218,9 @@ wire_enum! {
 
 /// NVSP header (`struct nvsp_message_header`): 4 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct NvspMessageHeader {
     /// [`NvspMessageType`].
     pub msg_type: U32,
@@ -226,7 +228,9 @@ pub struct NvspMessageHeader {
 
 /// INIT body (`struct nvsp_message_init`): 8 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct Init {
     /// Lowest acceptable [`NvspVersion`]; Linux sends min = max.
     pub min_protocol_ver: U32,
@@ -236,7 +240,9 @@ pub struct Init {
 
 /// INIT_COMPLETE body (`struct nvsp_message_init_complete`): 12 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct InitComplete {
     /// Deprecated; OpenVMM: 2 if version 1 was negotiated, else 0xFFFFFFFF.
     pub negotiated_protocol_ver: U32,
@@ -248,7 +254,9 @@ pub struct InitComplete {
 
 /// SEND_NDIS_VER body (`struct nvsp_1_message_send_ndis_version`): 8 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct SendNdisVersion {
     /// NDIS major version (6).
     pub ndis_major_ver: U32,
@@ -269,7 +277,9 @@ impl SendNdisVersion {
 /// SEND_RECV_BUF body (`struct nvsp_1_message_send_receive_buffer`): 6 bytes (OpenVMM
 /// declares 2 more reserved bytes, inside the union padding).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct SendReceiveBuffer {
     /// GPADL of the receive buffer.
     pub gpadl_handle: U32,
@@ -279,7 +289,9 @@ pub struct SendReceiveBuffer {
 
 /// One receive buffer section (`struct nvsp_1_receive_buffer_section`): 16 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct ReceiveBufferSection {
     /// Start of the section; Linux requires 0.
     pub offset: U32,
@@ -294,7 +306,9 @@ pub struct ReceiveBufferSection {
 /// SEND_RECV_BUF_COMPLETE fixed body (`struct nvsp_1_message_send_receive_buffer_complete`
 /// up to its section array): 8 bytes, followed by `num_sections` sections.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct SendReceiveBufferComplete {
     /// [`NvspStatus`].
     pub status: U32,
@@ -304,7 +318,9 @@ pub struct SendReceiveBufferComplete {
 
 /// REVOKE_RECV_BUF / REVOKE_SEND_BUF body (`struct nvsp_1_message_revoke_*_buffer`): 2 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct RevokeBuffer {
     /// Buffer id.
     pub id: U16,
@@ -312,7 +328,9 @@ pub struct RevokeBuffer {
 
 /// SEND_SEND_BUF body (`struct nvsp_1_message_send_send_buffer`): 6 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct SendSendBuffer {
     /// GPADL of the send buffer.
     pub gpadl_handle: U32,
@@ -322,7 +340,9 @@ pub struct SendSendBuffer {
 
 /// SEND_SEND_BUF_COMPLETE body (`struct nvsp_1_message_send_send_buffer_complete`): 8 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct SendSendBufferComplete {
     /// [`NvspStatus`].
     pub status: U32,
@@ -332,7 +352,9 @@ pub struct SendSendBufferComplete {
 
 /// SEND_RNDIS_PKT body (`struct nvsp_1_message_send_rndis_packet`): 12 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct SendRndisPacket {
     /// [`NVSP_CHANNEL_TYPE_DATA`] or [`NVSP_CHANNEL_TYPE_CONTROL`].
     pub channel_type: U32,
@@ -344,7 +366,9 @@ pub struct SendRndisPacket {
 
 /// SEND_RNDIS_PKT_COMPLETE body (`struct nvsp_1_message_send_rndis_packet_complete`): 4 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct SendRndisPacketComplete {
     /// [`NvspStatus`]: 1 success, 2 fail.
     pub status: U32,
@@ -352,7 +376,9 @@ pub struct SendRndisPacketComplete {
 
 /// SEND_NDIS_CONFIG body (`struct nvsp_2_send_ndis_config`): 16 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct SendNdisConfig {
     /// Frame MTU: interface MTU + 14.
     pub mtu: U32,
@@ -364,7 +390,9 @@ pub struct SendNdisConfig {
 
 /// SEND_VF_ASSOCIATION body (`struct nvsp_4_send_vf_association`): 8 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct SendVfAssociation {
     /// 1 = a VF is present and `serial` valid.
     pub allocated: U32,
@@ -374,7 +402,9 @@ pub struct SendVfAssociation {
 
 /// SWITCH_DATA_PATH body (`struct nvsp_4_sw_datapath`): 4 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct SwitchDataPath {
     /// 0 synthetic, 1 VF.
     pub active_datapath: U32,
@@ -382,7 +412,9 @@ pub struct SwitchDataPath {
 
 /// SUBCHANNEL request body (`struct nvsp_5_subchannel_request`): 8 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct SubchannelRequest {
     /// [`NVSP_SUBCHANNEL_ALLOCATE`].
     pub op: U32,
@@ -392,7 +424,9 @@ pub struct SubchannelRequest {
 
 /// SUBCHANNEL completion body (`struct nvsp_5_subchannel_complete`): 8 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct SubchannelComplete {
     /// [`NvspStatus`].
     pub status: U32,
@@ -403,7 +437,9 @@ pub struct SubchannelComplete {
 /// SEND_INDIRECTION_TABLE body (`struct nvsp_5_send_indirect_table`): 8 bytes; the table
 /// itself lies `offset` bytes from the start of the NVSP message.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct SendIndirectionTable {
     /// Entries; must be [`VRSS_SEND_TAB_SIZE`].
     pub count: U32,
@@ -585,9 +621,7 @@ impl<'a> NvspMessage<'a> {
             NvspMessageType::SEND_SEND_BUF_COMPLETE => Self::SendSendBufferComplete(body(rest)?),
             NvspMessageType::REVOKE_SEND_BUF => Self::RevokeSendBuffer(body(rest)?),
             NvspMessageType::SEND_RNDIS_PKT => Self::SendRndisPacket(body(rest)?),
-            NvspMessageType::SEND_RNDIS_PKT_COMPLETE => {
-                Self::SendRndisPacketComplete(body(rest)?)
-            }
+            NvspMessageType::SEND_RNDIS_PKT_COMPLETE => Self::SendRndisPacketComplete(body(rest)?),
             NvspMessageType::SEND_NDIS_CONFIG => Self::SendNdisConfig(body(rest)?),
             NvspMessageType::SEND_VF_ASSOCIATION => Self::SendVfAssociation(body(rest)?),
             NvspMessageType::SWITCH_DATA_PATH => Self::SwitchDataPath(body(rest)?),
@@ -628,9 +662,7 @@ impl<'a> NvspMessage<'a> {
             Self::SendNdisConfig(_) => NvspMessageType::SEND_NDIS_CONFIG,
             Self::SendVfAssociation(_) => NvspMessageType::SEND_VF_ASSOCIATION,
             Self::SwitchDataPath(_) => NvspMessageType::SWITCH_DATA_PATH,
-            Self::SubchannelRequest(_) | Self::SubchannelComplete(_) => {
-                NvspMessageType::SUBCHANNEL
-            }
+            Self::SubchannelRequest(_) | Self::SubchannelComplete(_) => NvspMessageType::SUBCHANNEL,
             Self::SendIndirectionTable(_) => NvspMessageType::SEND_INDIRECTION_TABLE,
         }
     }
@@ -751,7 +783,10 @@ mod tests {
         assert_eq!(H + offset_of!(SendReceiveBuffer, id), 8);
 
         // The complete message with one section is 24 bytes of body.
-        assert_eq!(size_of::<SendReceiveBufferComplete>() + size_of::<ReceiveBufferSection>(), 24);
+        assert_eq!(
+            size_of::<SendReceiveBufferComplete>() + size_of::<ReceiveBufferSection>(),
+            24
+        );
         assert_eq!(H + offset_of!(SendReceiveBufferComplete, status), 4);
         assert_eq!(H + offset_of!(SendReceiveBufferComplete, num_sections), 8);
 
@@ -829,8 +864,14 @@ mod tests {
         for pair in NVSP_GUEST_VERSIONS.windows(2) {
             assert!(pair[0] > pair[1]);
         }
-        assert_eq!(NvspVersion::PROTOCOL_VERSION_5.ndis_version(), NDIS_VERSION_6_30);
-        assert_eq!(NvspVersion::PROTOCOL_VERSION_4.ndis_version(), NDIS_VERSION_6_1);
+        assert_eq!(
+            NvspVersion::PROTOCOL_VERSION_5.ndis_version(),
+            NDIS_VERSION_6_30
+        );
+        assert_eq!(
+            NvspVersion::PROTOCOL_VERSION_4.ndis_version(),
+            NDIS_VERSION_6_1
+        );
         let v = SendNdisVersion::new(NDIS_VERSION_6_30);
         assert_eq!((v.ndis_major_ver.get(), v.ndis_minor_ver.get()), (6, 30));
     }
@@ -846,7 +887,10 @@ mod tests {
         let v = NvspVersion::PROTOCOL_VERSION_61.0;
         assert_eq!(
             m,
-            NvspMessage::Init(Init { min_protocol_ver: v.into(), max_protocol_ver: v.into() })
+            NvspMessage::Init(Init {
+                min_protocol_ver: v.into(),
+                max_protocol_ver: v.into()
+            })
         );
         assert_eq!(m.encode().unwrap().as_bytes(), &b);
 
@@ -861,7 +905,10 @@ mod tests {
         };
         assert_eq!(NvspStatus(ic.status.get()), NvspStatus::SUCCESS);
         assert_eq!(ic.max_mdl_chain_len.get(), 34);
-        assert_eq!(NvspMessage::parse(&c[..15], Sender::Host), Err(WireError::Truncated));
+        assert_eq!(
+            NvspMessage::parse(&c[..15], Sender::Host),
+            Err(WireError::Truncated)
+        );
     }
 
     #[test]
@@ -875,7 +922,9 @@ mod tests {
         b[20..24].copy_from_slice(&9289u32.to_le_bytes());
         b[24..28].copy_from_slice(&(1806u32 * 9289).to_le_bytes());
         let m = NvspMessage::parse(&b, Sender::Host).unwrap();
-        let NvspMessage::SendReceiveBufferComplete(rc) = m else { panic!() };
+        let NvspMessage::SendReceiveBufferComplete(rc) = m else {
+            panic!()
+        };
         assert_eq!(rc.sections.len(), 1);
         assert_eq!(rc.sections[0].offset.get(), 0);
         assert_eq!(rc.sections[0].sub_alloc_size.get(), 1806);
@@ -887,10 +936,16 @@ mod tests {
         // Two sections announced, room for one.
         let mut bad = b;
         bad[8] = 2;
-        assert_eq!(NvspMessage::parse(&bad, Sender::Host), Err(WireError::BadCount));
+        assert_eq!(
+            NvspMessage::parse(&bad, Sender::Host),
+            Err(WireError::BadCount)
+        );
         let mut bad = b;
         bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert_eq!(NvspMessage::parse(&bad, Sender::Host), Err(WireError::BadCount));
+        assert_eq!(
+            NvspMessage::parse(&bad, Sender::Host),
+            Err(WireError::BadCount)
+        );
         // Zero sections (a failure reply) is well-formed.
         let mut fail = b;
         fail[4] = 2;
@@ -927,7 +982,10 @@ mod tests {
         assert_eq!(done.encode_into(&mut out), Ok(8));
         assert_eq!(out, [108, 0, 0, 0, 1, 0, 0, 0]);
         assert_eq!(NvspMessage::parse(&out, Sender::Guest), Ok(done));
-        assert_eq!(done.encode_into(&mut out[..7]), Err(WireError::BufferTooSmall));
+        assert_eq!(
+            done.encode_into(&mut out[..7]),
+            Err(WireError::BufferTooSmall)
+        );
     }
 
     #[test]
@@ -959,9 +1017,10 @@ mod tests {
             capability: (NDIS_CAP_IEEE8021Q | NDIS_CAP_SRIOV | NDIS_CAP_TEAMING).into(),
         });
         let enc = m.encode().unwrap();
-        assert_eq!(&enc.as_bytes()[..20], &[
-            125, 0, 0, 0, 0xea, 0x05, 0, 0, 0, 0, 0, 0, 0x2c, 0, 0, 0, 0, 0, 0, 0
-        ]);
+        assert_eq!(
+            &enc.as_bytes()[..20],
+            &[125, 0, 0, 0, 0xea, 0x05, 0, 0, 0, 0, 0, 0, 0x2c, 0, 0, 0, 0, 0, 0, 0]
+        );
         assert_eq!(NvspMessage::parse(enc.as_bytes(), Sender::Guest), Ok(m));
     }
 
@@ -981,10 +1040,18 @@ mod tests {
         else {
             panic!()
         };
-        let got: std::vec::Vec<u32> = m.table_at_offset().unwrap().iter().map(|e| e.get()).collect();
+        let got: std::vec::Vec<u32> = m
+            .table_at_offset()
+            .unwrap()
+            .iter()
+            .map(|e| e.get())
+            .collect();
         assert_eq!(got, table);
         // 76 < 104: even at NVSP 6.0 Linux uses the offset field.
-        assert_eq!(m.table(NvspVersion::PROTOCOL_VERSION_6), m.table_at_offset());
+        assert_eq!(
+            m.table(NvspVersion::PROTOCOL_VERSION_6),
+            m.table_at_offset()
+        );
         let enc = NvspMessage::SendIndirectionTable(m).encode().unwrap();
         assert_eq!(enc.as_bytes(), &buf[..76]);
 
@@ -999,8 +1066,14 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(m.table(NvspVersion::PROTOCOL_VERSION_6).unwrap()[0].get(), 100);
-        assert_eq!(m.table(NvspVersion::PROTOCOL_VERSION_61).unwrap()[0].get(), 0);
+        assert_eq!(
+            m.table(NvspVersion::PROTOCOL_VERSION_6).unwrap()[0].get(),
+            100
+        );
+        assert_eq!(
+            m.table(NvspVersion::PROTOCOL_VERSION_61).unwrap()[0].get(),
+            0
+        );
 
         // Bad count, offset out of bounds.
         let mut bad = buf;
@@ -1030,16 +1103,25 @@ mod tests {
 
     #[test]
     fn unknown_and_unsupported() {
-        assert_eq!(NvspMessage::parse(&[], Sender::Host), Err(WireError::Truncated));
+        assert_eq!(
+            NvspMessage::parse(&[], Sender::Host),
+            Err(WireError::Truncated)
+        );
         assert_eq!(
             NvspMessage::parse(&[0; 40], Sender::Host),
             Err(WireError::UnknownType(0))
         );
         let mut b = [0u8; 40];
         b[0] = 131;
-        assert_eq!(NvspMessage::parse(&b, Sender::Host), Err(WireError::Unsupported(131)));
+        assert_eq!(
+            NvspMessage::parse(&b, Sender::Host),
+            Err(WireError::Unsupported(131))
+        );
         b[0] = 137;
-        assert_eq!(NvspMessage::parse(&b, Sender::Host), Err(WireError::UnknownType(137)));
+        assert_eq!(
+            NvspMessage::parse(&b, Sender::Host),
+            Err(WireError::UnknownType(137))
+        );
     }
 
     proptest! {

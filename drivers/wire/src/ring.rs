@@ -20,8 +20,14 @@ use core::mem::{offset_of, size_of};
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+pub use crate::align8;
 use crate::vmbus::{gpa_range_head, gpa_range_pages, GpaRange, GpaRanges};
-use crate::{align8, sub_slice, WireError, Writer, U16, U32, U64};
+use crate::{sub_slice, WireError, Writer, U16, U32, U64};
+
+/// Bytes of zero padding that bring `n` up to a multiple of 8.
+pub const fn pad8(n: usize) -> usize {
+    (8 - n % 8) % 8
+}
 
 /// Size of a ring's control page; the data area starts right after it.
 pub const RING_CONTROL_SIZE: usize = 4096;
@@ -50,7 +56,7 @@ pub struct RingControl {
     pub interrupt_mask: U32,
     /// Bytes a blocked producer needs; the consumer signals when free space crosses it.
     pub pending_send_sz: U32,
-    /// Reserved (u32[12]).
+    /// Reserved (twelve u32 words).
     pub reserved1: [u8; 48],
     /// Bit 0: [`RING_FEATURE_PENDING_SEND_SZ`].
     pub feature_bits: U32,
@@ -72,7 +78,7 @@ pub const RING_FEATURE_BITS_OFFSET: usize = offset_of!(RingControl, feature_bits
 /// Checks a ring index the peer wrote: it must lie inside a data area of `data_size`
 /// bytes and be 8-byte aligned (OpenVMM validates every peer index this way).
 pub fn check_ring_index(index: u32, data_size: u32) -> Result<u32, WireError> {
-    if index >= data_size || index % 8 != 0 {
+    if index >= data_size || !index.is_multiple_of(8) {
         return Err(WireError::BadOffset);
     }
     Ok(index)
@@ -114,7 +120,9 @@ wire_enum! {
 
 /// Packet descriptor at the start of every packet (`struct vmpacket_descriptor`): 16 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct VmPacketDescriptor {
     /// [`VmPacketType`] (C name `type`).
     pub packet_type: U16,
@@ -169,7 +177,9 @@ impl VmPacketDescriptor {
 /// Transfer-page header after the descriptor (`struct vmtransfer_page_packet_header`
 /// minus its descriptor): 8 bytes, followed by `range_cnt` [`VmTransferPageRange`]s.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct VmTransferPageHeader {
     /// Transfer page set id; netvsc: the receive buffer id 0xCAFE.
     pub xfer_pageset_id: U16,
@@ -183,7 +193,9 @@ pub struct VmTransferPageHeader {
 
 /// One transfer-page range (`struct vmtransfer_page_range`): 8 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct VmTransferPageRange {
     /// Length of the data (netvsc: one RNDIS message).
     pub byte_count: U32,
@@ -194,7 +206,9 @@ pub struct VmTransferPageRange {
 /// GPA-direct header after the descriptor (`struct vmdata_gpa_direct` minus its
 /// descriptor and first range): 8 bytes, followed by the GPA ranges.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct VmGpaDirectHeader {
     /// Zero (may hold garbage, per OpenVMM).
     pub reserved: U32,
@@ -205,7 +219,9 @@ pub struct VmGpaDirectHeader {
 /// One-page range as Linux page-buffer sends use it (`struct hv_page_buffer`): 16 bytes,
 /// wire-identical to a GPA range holding exactly one PFN.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct HvPageBuffer {
     /// Bytes used in the page.
     pub len: U32,
@@ -218,7 +234,9 @@ pub struct HvPageBuffer {
 /// The 8 bytes after every packet: Linux writes the packet's start offset in the high
 /// half of a u64 (OpenVMM `Footer { reserved, offset }`); readers ignore it.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct PacketTrailer {
     /// Zero.
     pub reserved: U32,
@@ -365,7 +383,7 @@ fn encode_packet(
     w.put(descriptor.as_bytes())?;
     write_headers(&mut w)?;
     w.put(payload)?;
-    w.zeros(len - w.len())?;
+    w.zeros(len.checked_sub(w.len()).ok_or(WireError::BadLength)?)?;
     Ok(len)
 }
 
@@ -379,7 +397,9 @@ fn flags_for(completion_requested: bool) -> u16 {
 
 /// Bytes an in-band packet with `payload_len` payload bytes takes, trailer excluded.
 pub fn inband_packet_len(payload_len: usize) -> Option<usize> {
-    PACKET_DESCRIPTOR_SIZE.checked_add(payload_len).and_then(align8)
+    PACKET_DESCRIPTOR_SIZE
+        .checked_add(payload_len)
+        .and_then(align8)
 }
 
 /// Writes a `VM_PKT_DATA_INBAND` packet (descriptor, payload, zero padding); returns its
@@ -402,7 +422,11 @@ pub fn encode_inband(
 }
 
 /// Writes a `VM_PKT_COMP` packet answering transaction `trans_id`.
-pub fn encode_completion(buf: &mut [u8], trans_id: u64, payload: &[u8]) -> Result<usize, WireError> {
+pub fn encode_completion(
+    buf: &mut [u8],
+    trans_id: u64,
+    payload: &[u8],
+) -> Result<usize, WireError> {
     encode_packet(buf, VmPacketType::COMP, 0, trans_id, 0, |_| Ok(()), payload)
 }
 
@@ -547,7 +571,19 @@ mod tests {
         assert_eq!(offset_of!(PacketTrailer, reserved), 0);
         assert_eq!(offset_of!(PacketTrailer, offset), 4);
         // Linux writes (start << 32) as a u64: the same bytes.
-        assert_eq!(PacketTrailer::new(0x1238).as_bytes(), &(0x1238u64 << 32).to_le_bytes());
+        assert_eq!(
+            PacketTrailer::new(0x1238).as_bytes(),
+            &(0x1238u64 << 32).to_le_bytes()
+        );
+    }
+
+    #[test]
+    fn padding_helpers() {
+        assert_eq!(
+            (pad8(0), pad8(1), pad8(7), pad8(8), pad8(13)),
+            (0, 7, 1, 0, 3)
+        );
+        assert_eq!(align8(13), Some(16));
     }
 
     #[test]
@@ -588,7 +624,10 @@ mod tests {
         let p = Packet::parse(&buf).unwrap();
         assert_eq!(p.kind, PacketKind::Completion);
         assert_eq!(p.payload, &[108, 0, 0, 0, 1, 0, 0, 0]);
-        assert_eq!(encode_completion(&mut buf[..23], 7, &[0; 8]), Err(WireError::BufferTooSmall));
+        assert_eq!(
+            encode_completion(&mut buf[..23], 7, &[0; 8]),
+            Err(WireError::BufferTooSmall)
+        );
     }
 
     #[test]
@@ -596,8 +635,14 @@ mod tests {
         // Host receive indication: two RNDIS messages in the 0xCAFE buffer, NVSP 107 at
         // offset8 * 8 = 40 (>= 24 + 8 * 2).
         let ranges = [
-            VmTransferPageRange { byte_count: 100.into(), byte_offset: 0.into() },
-            VmTransferPageRange { byte_count: 60.into(), byte_offset: 1806.into() },
+            VmTransferPageRange {
+                byte_count: 100.into(),
+                byte_offset: 0.into(),
+            },
+            VmTransferPageRange {
+                byte_count: 60.into(),
+                byte_offset: 1806.into(),
+            },
         ];
         let nvsp = [107, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0];
         let mut buf = [0u8; 128];
@@ -608,7 +653,13 @@ mod tests {
         assert_eq!(&buf[28..32], &0u32.to_le_bytes());
         assert_eq!(&buf[36..40], &1806u32.to_le_bytes());
         let p = Packet::parse(&buf[..len]).unwrap();
-        let PacketKind::TransferPages { header, ranges: got } = p.kind else { panic!() };
+        let PacketKind::TransferPages {
+            header,
+            ranges: got,
+        } = p.kind
+        else {
+            panic!()
+        };
         assert_eq!(header.xfer_pageset_id.get(), 0xCAFE);
         assert_eq!(got, &ranges);
         assert_eq!(p.payload, &nvsp);
@@ -627,8 +678,14 @@ mod tests {
     fn gpa_direct_fixture() {
         // A two-page RNDIS control message, like Linux's page-buffer send.
         let pfns = [U64::new(0x5000), U64::new(0x5001)];
-        let range = GpaRange { byte_count: 4200, byte_offset: 0xF00, pfns: &pfns };
-        let nvsp = [107u8, 0, 0, 0, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0];
+        let range = GpaRange {
+            byte_count: 4200,
+            byte_offset: 0xF00,
+            pfns: &pfns,
+        };
+        let nvsp = [
+            107u8, 0, 0, 0, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0,
+        ];
         let mut buf = [0u8; 128];
         let len = encode_gpa_direct(&mut buf, 0x77, true, &[range], &nvsp).unwrap();
         // 16 + 8 + 8 + 16 = 48 bytes of headers, 16 of payload.
@@ -639,7 +696,9 @@ mod tests {
         assert_eq!(&buf[28..32], &0xF00u32.to_le_bytes());
         assert_eq!(&buf[32..40], &0x5000u64.to_le_bytes());
         let p = Packet::parse(&buf[..len]).unwrap();
-        let PacketKind::GpaDirect { ranges, .. } = p.kind else { panic!() };
+        let PacketKind::GpaDirect { ranges, .. } = p.kind else {
+            panic!()
+        };
         let v: Vec<_> = ranges.iter().collect();
         assert_eq!(v, [range]);
         assert_eq!(p.payload, &nvsp);
@@ -651,9 +710,19 @@ mod tests {
         bad[20] = 2;
         assert_eq!(Packet::parse(&bad[..len]), Err(WireError::BadCount));
 
-        let short = GpaRange { byte_count: 4200, byte_offset: 0xF00, pfns: &pfns[..1] };
-        assert_eq!(encode_gpa_direct(&mut buf, 1, true, &[short], &[]), Err(WireError::BadCount));
-        assert_eq!(encode_gpa_direct(&mut buf, 1, true, &[], &[]), Err(WireError::BadCount));
+        let short = GpaRange {
+            byte_count: 4200,
+            byte_offset: 0xF00,
+            pfns: &pfns[..1],
+        };
+        assert_eq!(
+            encode_gpa_direct(&mut buf, 1, true, &[short], &[]),
+            Err(WireError::BadCount)
+        );
+        assert_eq!(
+            encode_gpa_direct(&mut buf, 1, true, &[], &[]),
+            Err(WireError::BadCount)
+        );
     }
 
     #[test]
@@ -688,7 +757,10 @@ mod tests {
     fn encoder_limits() {
         let mut big = std::vec![0u8; 600 * 1024];
         let payload = std::vec![0u8; 530 * 1024];
-        assert_eq!(encode_inband(&mut big, 0, false, &payload), Err(WireError::TooLong));
+        assert_eq!(
+            encode_inband(&mut big, 0, false, &payload),
+            Err(WireError::TooLong)
+        );
     }
 
     proptest! {

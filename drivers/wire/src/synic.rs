@@ -545,7 +545,9 @@ wire_enum! {
 
 /// Message header (`struct hv_message_header`, hvgdk_mini.h): 16 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct HvMessageHeader {
     /// [`HvMessageType`]; 0 means the slot is free.
     pub message_type: U32,
@@ -673,7 +675,9 @@ impl HvPostMessageInput {
 /// HvSignalEvent input (hyperv_vmbus.h, OpenVMM hvdef): 8 bytes, passed as one u64 in
 /// RDX by the fast call.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct HvSignalEventInput {
     /// Event connection id (the offer's `connection_id`).
     pub connection_id: U32,
@@ -704,7 +708,9 @@ impl HvSignalEventInput {
 
 /// Payload of a timer-expired message (`struct hv_timer_message_payload`): 24 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct HvTimerMessagePayload {
     /// Which of the 4 timers expired.
     pub timer_index: U32,
@@ -720,7 +726,9 @@ pub struct HvTimerMessagePayload {
 ///
 /// Time = ((TSC * scale) >> 64) + offset; sequence 0 means the page is invalid.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct HvReferenceTscPage {
     /// Changes whenever scale/offset change; 0 = invalid.
     pub tsc_sequence: U32,
@@ -755,7 +763,10 @@ mod tests {
         assert_eq!(size_of::<HvMessage>(), HV_MESSAGE_SIZE);
         assert_eq!(offset_of!(HvMessage, header), 0);
         assert_eq!(offset_of!(HvMessage, payload), 16);
-        assert_eq!(HV_MESSAGE_PAYLOAD_QWORD_COUNT * 8, HV_MESSAGE_PAYLOAD_BYTE_COUNT);
+        assert_eq!(
+            HV_MESSAGE_PAYLOAD_QWORD_COUNT * 8,
+            HV_MESSAGE_PAYLOAD_BYTE_COUNT
+        );
         assert_eq!(HV_SYNIC_SINT_COUNT * HV_MESSAGE_SIZE, HV_SYNIC_PAGE_SIZE);
         assert_eq!(simp_slot_offset(2), 512);
         assert_eq!(sief_slot_offset(2), 512);
@@ -855,8 +866,14 @@ mod tests {
         let r = HypercallResult(0x0000_0005_0000_0013);
         assert_eq!(r.status(), HvStatus::INSUFFICIENT_BUFFERS);
         assert_eq!(r.reps_completed(), 5);
-        assert_eq!(HypercallResult::new(HvStatus::SUCCESS, 5), HypercallResult(5 << 32));
-        assert_eq!(std::format!("{:?}", HvStatus(0x12)), "INVALID_CONNECTION_ID");
+        assert_eq!(
+            HypercallResult::new(HvStatus::SUCCESS, 5),
+            HypercallResult(5 << 32)
+        );
+        assert_eq!(
+            std::format!("{:?}", HvStatus(0x12)),
+            "INVALID_CONNECTION_ID"
+        );
         assert_eq!(std::format!("{:?}", HvStatus(0x77)), "HvStatus(0x77)");
     }
 
@@ -893,7 +910,10 @@ mod tests {
     fn post_message_input_round_trip() {
         let input = HvPostMessageInput::new(4, HvMessageType::VMBUS, &[14, 0, 0, 0]).unwrap();
         let bytes = input.as_bytes();
-        assert_eq!(&bytes[..20], &[4, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 4, 0, 0, 0, 14, 0, 0, 0]);
+        assert_eq!(
+            &bytes[..20],
+            &[4, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 4, 0, 0, 0, 14, 0, 0, 0]
+        );
         let back = HvPostMessageInput::read_from_bytes(bytes).unwrap();
         assert_eq!(back.payload().unwrap(), &[14, 0, 0, 0]);
         let mut bad = back;

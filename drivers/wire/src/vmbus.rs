@@ -217,7 +217,9 @@ wire_enum! {
 
 /// Header of every channel message (`struct vmbus_channel_message_header`): 8 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct ChannelMessageHeader {
     /// [`MessageType`].
     pub msgtype: U32,
@@ -245,7 +247,9 @@ impl ChannelMessageHeader {
 /// A GUID in the Windows/UEFI byte order: first three fields little-endian, last eight
 /// bytes as written (Linux `guid_t`, OpenVMM `Guid`).
 #[repr(C)]
-#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Default, PartialEq, Eq, Hash, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct Guid {
     /// First field (8 hex digits).
     pub data1: U32,
@@ -448,7 +452,9 @@ impl OfferChannel {
 
 /// RESCIND_CHANNELOFFER body (`struct vmbus_channel_rescind_offer`): 4 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct RescindChannelOffer {
     /// The relid being withdrawn.
     pub child_relid: U32,
@@ -495,7 +501,9 @@ impl OpenChannel {
 
 /// OPENCHANNEL_RESULT body (`struct vmbus_channel_open_result`): 12 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct OpenResult {
     /// Relid of the channel.
     pub child_relid: U32,
@@ -507,7 +515,9 @@ pub struct OpenResult {
 
 /// CLOSECHANNEL body (`struct vmbus_channel_close_channel`): 4 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct CloseChannel {
     /// Relid of the channel.
     pub child_relid: U32,
@@ -516,7 +526,9 @@ pub struct CloseChannel {
 /// Head of one GPA range (`struct gpa_range` without its PFN array): 8 bytes. The PFNs
 /// spanned by the range follow as u64 words.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct GpaRangeHeader {
     /// Length of the range in bytes.
     pub byte_count: U32,
@@ -527,7 +539,9 @@ pub struct GpaRangeHeader {
 /// GPADL_HEADER fixed body (`struct vmbus_channel_gpadl_header` minus its header):
 /// 12 bytes, followed by range data as u64 words.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct GpadlHeader {
     /// Channel the GPADL belongs to.
     pub child_relid: U32,
@@ -562,7 +576,9 @@ impl GpadlHeader {
 /// GPADL_BODY fixed body (`struct vmbus_channel_gpadl_body` minus its header): 8 bytes,
 /// followed by more PFNs.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct GpadlBody {
     /// Sequence number; Linux leaves it 0.
     pub msgnumber: U32,
@@ -572,7 +588,9 @@ pub struct GpadlBody {
 
 /// GPADL_CREATED body (`struct vmbus_channel_gpadl_created`): 12 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct GpadlCreated {
     /// Channel of the GPADL.
     pub child_relid: U32,
@@ -584,7 +602,9 @@ pub struct GpadlCreated {
 
 /// GPADL_TEARDOWN body (`struct vmbus_channel_gpadl_teardown`): 8 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct GpadlTeardown {
     /// Channel of the GPADL.
     pub child_relid: U32,
@@ -594,7 +614,9 @@ pub struct GpadlTeardown {
 
 /// GPADL_TORNDOWN body (`struct vmbus_channel_gpadl_torndown`): 4 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct GpadlTorndown {
     /// The handle.
     pub gpadl: U32,
@@ -602,7 +624,9 @@ pub struct GpadlTorndown {
 
 /// RELID_RELEASED body (`struct vmbus_channel_relid_released`): 4 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct RelidReleased {
     /// The relid the guest gives back.
     pub child_relid: U32,
@@ -614,7 +638,9 @@ pub struct RelidReleased {
 /// from 5.0 byte 0 is msg_sint, byte 1 msg_vtl, and (OpenVMM, 6.0 only) bytes 4..8 the
 /// feature flags.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct InitiateContact {
     /// Requested [`VmbusVersion`].
     pub vmbus_version_requested: U32,
@@ -673,7 +699,9 @@ impl InitiateContact {
 
 /// VERSION_RESPONSE body (`struct vmbus_channel_version_response`): 8 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct VersionResponse {
     /// Non-zero: the requested version is accepted.
     pub version_supported: u8,
@@ -695,7 +723,9 @@ impl VersionResponse {
 
 /// TL_CONNECT_REQUEST body (`struct vmbus_channel_tl_connect_request`): 32 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct TlConnectRequest {
     /// Guest endpoint id.
     pub guest_endpoint_id: Guid,
@@ -705,7 +735,9 @@ pub struct TlConnectRequest {
 
 /// MODIFYCHANNEL body (`struct vmbus_channel_modifychannel`): 8 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct ModifyChannel {
     /// Relid of the channel.
     pub child_relid: U32,
@@ -715,7 +747,9 @@ pub struct ModifyChannel {
 
 /// MODIFYCHANNEL_RESPONSE body (`struct vmbus_channel_modifychannel_response`): 8 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct ModifyChannelResponse {
     /// Relid of the channel.
     pub child_relid: U32,
@@ -898,10 +932,11 @@ pub struct GpadlHeaderMsg<'a> {
 
 impl<'a> GpadlHeaderMsg<'a> {
     fn parse(body: &'a [u8]) -> Result<Self, WireError> {
-        let (header, rest) = GpadlHeader::read_from_prefix(body).map_err(|_| WireError::Truncated)?;
+        let (header, rest) =
+            GpadlHeader::read_from_prefix(body).map_err(|_| WireError::Truncated)?;
         let words = <[U64]>::ref_from_bytes(rest).map_err(|_| WireError::BadLength)?;
         let buflen = usize::from(header.range_buflen.get());
-        if buflen % 8 != 0 || words.len() * 8 > buflen {
+        if !buflen.is_multiple_of(8) || words.len() * 8 > buflen {
             return Err(WireError::BadLength);
         }
         let count = usize::from(header.rangecount.get());
@@ -1080,7 +1115,10 @@ impl<'a> ChannelMessage<'a> {
             Self::TlConnectRequest(b) => w.put(b.as_bytes())?,
             Self::ModifyChannel(b) => w.put(b.as_bytes())?,
             Self::ModifyChannelResponse(b) => w.put(b.as_bytes())?,
-            Self::RequestOffers | Self::AllOffersDelivered | Self::Unload | Self::UnloadResponse => {}
+            Self::RequestOffers
+            | Self::AllOffersDelivered
+            | Self::Unload
+            | Self::UnloadResponse => {}
         }
         Ok(w.len())
     }
@@ -1264,8 +1302,8 @@ mod tests {
         assert_eq!(
             HV_NIC_GUID.as_bytes(),
             &[
-                0x63, 0x51, 0x61, 0xf8, 0x3e, 0xdf, 0xc5, 0x46, 0x91, 0x3f, 0xf2, 0xd2, 0xf9,
-                0x65, 0xed, 0x0e
+                0x63, 0x51, 0x61, 0xf8, 0x3e, 0xdf, 0xc5, 0x46, 0x91, 0x3f, 0xf2, 0xd2, 0xf9, 0x65,
+                0xed, 0x0e
             ]
         );
         assert_eq!(
@@ -1306,7 +1344,10 @@ mod tests {
         assert_eq!(H + offset_of!(OpenChannel, openid), 12);
         assert_eq!(H + offset_of!(OpenChannel, ringbuffer_gpadlhandle), 16);
         assert_eq!(H + offset_of!(OpenChannel, target_vp), 20);
-        assert_eq!(H + offset_of!(OpenChannel, downstream_ringbuffer_pageoffset), 24);
+        assert_eq!(
+            H + offset_of!(OpenChannel, downstream_ringbuffer_pageoffset),
+            24
+        );
         assert_eq!(H + offset_of!(OpenChannel, userdata), 28);
 
         assert_eq!(H + size_of::<OpenResult>(), 20);
@@ -1421,7 +1462,10 @@ mod tests {
             panic!("wrong variant {msg:?}");
         };
         assert_eq!(offer.offer.if_type, HV_NIC_GUID);
-        assert_eq!(offer.offer.chn_flags.get(), VMBUS_CHANNEL_ENUMERATE_DEVICE_INTERFACE);
+        assert_eq!(
+            offer.offer.chn_flags.get(),
+            VMBUS_CHANNEL_ENUMERATE_DEVICE_INTERFACE
+        );
         assert_eq!(offer.child_relid.get(), 0x0e);
         assert_eq!(offer.monitorid, 3);
         assert!(offer.monitor_allocated());
@@ -1439,7 +1483,10 @@ mod tests {
         assert_eq!(offer.sub_channel_index(), 2);
         assert!(!offer.is_primary());
 
-        assert_eq!(ChannelMessage::decode(&bytes[..195]), Err(WireError::Truncated));
+        assert_eq!(
+            ChannelMessage::decode(&bytes[..195]),
+            Err(WireError::Truncated)
+        );
     }
 
     #[test]
@@ -1452,7 +1499,15 @@ mod tests {
         b[16] = 2;
         b[24..32].copy_from_slice(&0x1000u64.to_le_bytes());
         b[32..40].copy_from_slice(&0x2000u64.to_le_bytes());
-        let ic = InitiateContact::new(VmbusVersion::WIN10_V5_3, 1, 2, 0, 0xdead_0000, 0x1000, 0x2000);
+        let ic = InitiateContact::new(
+            VmbusVersion::WIN10_V5_3,
+            1,
+            2,
+            0,
+            0xdead_0000,
+            0x1000,
+            0x2000,
+        );
         let enc = ChannelMessage::InitiateContact(ic).encode().unwrap();
         assert_eq!(enc.as_bytes(), &b[..]);
         let ChannelMessage::InitiateContact(back) = ChannelMessage::decode(&b).unwrap() else {
@@ -1505,14 +1560,18 @@ mod tests {
     #[test]
     fn fixed_messages_round_trip() {
         let msgs = [
-            ChannelMessage::RescindChannelOffer(RescindChannelOffer { child_relid: 7.into() }),
+            ChannelMessage::RescindChannelOffer(RescindChannelOffer {
+                child_relid: 7.into(),
+            }),
             ChannelMessage::OpenChannel(OpenChannel::new(7, 7, 0xe1e10, 1, 129)),
             ChannelMessage::OpenResult(OpenResult {
                 child_relid: 7.into(),
                 openid: 7.into(),
                 status: 0.into(),
             }),
-            ChannelMessage::CloseChannel(CloseChannel { child_relid: 7.into() }),
+            ChannelMessage::CloseChannel(CloseChannel {
+                child_relid: 7.into(),
+            }),
             ChannelMessage::GpadlCreated(GpadlCreated {
                 child_relid: 7.into(),
                 gpadl: 0xe1e10.into(),
@@ -1522,8 +1581,12 @@ mod tests {
                 child_relid: 7.into(),
                 gpadl: 0xe1e10.into(),
             }),
-            ChannelMessage::GpadlTorndown(GpadlTorndown { gpadl: 0xe1e10.into() }),
-            ChannelMessage::RelidReleased(RelidReleased { child_relid: 7.into() }),
+            ChannelMessage::GpadlTorndown(GpadlTorndown {
+                gpadl: 0xe1e10.into(),
+            }),
+            ChannelMessage::RelidReleased(RelidReleased {
+                child_relid: 7.into(),
+            }),
             ChannelMessage::TlConnectRequest(TlConnectRequest {
                 guest_endpoint_id: HV_KVP_GUID,
                 host_service_id: HV_TS_GUID,
@@ -1607,7 +1670,9 @@ mod tests {
     fn gpadl_split_into_header_and_bodies() {
         // 16 KiB ring pair + headers: 60 pages -> header (26) + body (28) + body (6).
         let pfns: Vec<u64> = (0x1000..0x1000 + 60).collect();
-        let msgs: Vec<_> = gpadl_messages(9, 0xe1e11, 0, 60 * 4096, &pfns).unwrap().collect();
+        let msgs: Vec<_> = gpadl_messages(9, 0xe1e11, 0, 60 * 4096, &pfns)
+            .unwrap()
+            .collect();
         assert_eq!(msgs.len(), 3);
         assert_eq!(msgs[0].len(), 20 + 8 + 26 * 8);
         assert_eq!(msgs[1].len(), 240);
@@ -1692,7 +1757,10 @@ mod tests {
     #[test]
     fn unknown_and_oversized() {
         assert_eq!(ChannelMessage::decode(&[]), Err(WireError::Truncated));
-        assert_eq!(ChannelMessage::decode(&[1, 0, 0]), Err(WireError::Truncated));
+        assert_eq!(
+            ChannelMessage::decode(&[1, 0, 0]),
+            Err(WireError::Truncated)
+        );
         assert_eq!(
             ChannelMessage::decode(&[0, 0, 0, 0, 0, 0, 0, 0]),
             Err(WireError::UnknownType(0))
@@ -1708,7 +1776,10 @@ mod tests {
         let mut big = [0u8; 241];
         big[0] = 3;
         assert_eq!(ChannelMessage::decode(&big), Err(WireError::TooLong));
-        assert_eq!(ChannelMessage::decode(&big[..240]), Ok(ChannelMessage::RequestOffers));
+        assert_eq!(
+            ChannelMessage::decode(&big[..240]),
+            Ok(ChannelMessage::RequestOffers)
+        );
 
         let words = [U64::ZERO; 29];
         let m = ChannelMessage::GpadlBody(GpadlBodyMsg {
@@ -1717,10 +1788,7 @@ mod tests {
         });
         assert_eq!(m.encode(), Err(WireError::TooLong));
         let mut small = [0u8; 10];
-        assert_eq!(
-            ChannelMessage::RequestOffers.encode_into(&mut small),
-            Ok(8)
-        );
+        assert_eq!(ChannelMessage::RequestOffers.encode_into(&mut small), Ok(8));
         assert_eq!(
             ChannelMessage::CloseChannel(CloseChannel::default()).encode_into(&mut small),
             Err(WireError::BufferTooSmall)

@@ -119,7 +119,11 @@ impl fmt::Debug for Semaphore {
 impl Describe for Inner {
     fn describe(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = self.state.lock();
-        let first = state.waiters.values().find(|w| !w.granted).map(|w| w.wanted);
+        let first = state
+            .waiters
+            .values()
+            .find(|w| !w.granted)
+            .map(|w| w.wanted);
         write!(f, "semaphore '{}' ({} available", self.name, state.permits)?;
         if let Some(wanted) = first {
             write!(f, ", first waiter needs {wanted}")?;

@@ -50,14 +50,10 @@ impl WaitQueue {
     pub fn wake_one(&self) -> bool {
         let waker = {
             let mut state = self.state.lock();
-            state
-                .waiters
-                .values_mut()
-                .find(|w| !w.notified)
-                .map(|w| {
-                    w.notified = true;
-                    w.waker.clone()
-                })
+            state.waiters.values_mut().find(|w| !w.notified).map(|w| {
+                w.notified = true;
+                w.waker.clone()
+            })
         };
         match waker {
             Some(waker) => {
@@ -82,7 +78,12 @@ impl WaitQueue {
 
     /// How many waits are queued and not yet woken.
     pub fn waiting(&self) -> usize {
-        self.state.lock().waiters.values().filter(|w| !w.notified).count()
+        self.state
+            .lock()
+            .waiters
+            .values()
+            .filter(|w| !w.notified)
+            .count()
     }
 
     /// Completes at the next wake after its first poll.

@@ -152,7 +152,9 @@ fn timeout_fires_for_a_future_that_never_completes() {
     static NEVER: Event = Event::named("never");
     let sim = Simulation::new(5);
     let h = sim.handle();
-    let r = sim.run(async move { h.timeout(MS, NEVER.wait()).await }).unwrap();
+    let r = sim
+        .run(async move { h.timeout(MS, NEVER.wait()).await })
+        .unwrap();
     assert_eq!(r, Err(Elapsed));
 }
 
@@ -223,7 +225,11 @@ fn irq_raises_coalesce_into_one_wake() {
         })
         .unwrap();
     assert_eq!(first, Ok(()));
-    assert_eq!(second, Err(Elapsed), "three raises before the wait are one wake");
+    assert_eq!(
+        second,
+        Err(Elapsed),
+        "three raises before the wait are one wake"
+    );
 }
 
 #[test]
@@ -306,7 +312,11 @@ fn kernel_executor_idles_until_the_next_deadline() {
     assert_eq!(done_at, (Instant(6_000), Instant(14_000)));
     assert_eq!(
         *executor.platform().idles.borrow(),
-        vec![Some(Instant(6_000)), Some(Instant(11_000)), Some(Instant(14_000))]
+        vec![
+            Some(Instant(6_000)),
+            Some(Instant(11_000)),
+            Some(Instant(14_000))
+        ]
     );
 }
 
@@ -328,7 +338,10 @@ fn kernel_executor_polls_in_spawn_order() {
         }
     });
     assert_eq!(*order.borrow(), vec![0, 1, 2, 3, 4]);
-    assert!(executor.platform().idles.borrow().is_empty(), "never idle with work ready");
+    assert!(
+        executor.platform().idles.borrow().is_empty(),
+        "never idle with work ready"
+    );
 }
 
 #[test]

@@ -93,7 +93,14 @@ fn livelock_hits_the_step_limit() {
         })
         .unwrap_err();
     assert!(
-        matches!(err, SimError::StepLimit { steps: 500, seed: 13, .. }),
+        matches!(
+            err,
+            SimError::StepLimit {
+                steps: 500,
+                seed: 13,
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("seed 13"));
@@ -149,13 +156,7 @@ fn poll_cost_moves_the_clock() {
 #[test]
 fn seed_loop_failure_names_the_seed_and_the_rerun_command() {
     let outcome = std::panic::catch_unwind(|| {
-        check_seeds(10, |seed| {
-            if seed == 3 {
-                Err("boom")
-            } else {
-                Ok(())
-            }
-        })
+        check_seeds(10, |seed| if seed == 3 { Err("boom") } else { Ok(()) })
     });
     // With HVNET_SEED set to something else, seed 3 may not run at all.
     if std::env::var(crate::testing::SEED_VAR).is_ok() {
@@ -190,4 +191,34 @@ fn seed_loop_reports_panics_inside_tasks_with_the_seed() {
         .unwrap_or_default();
     assert!(message.contains("failed with seed 0"), "{message}");
     assert!(message.contains("task failed its assertion"), "{message}");
+}
+
+#[test]
+fn a_watchdog_task_can_read_the_report() {
+    static NEVER: Event = Event::named("host reply");
+    let sim = Simulation::new(16);
+    let h = sim.handle();
+    let report = sim
+        .run(async move {
+            let h2 = h.clone();
+            h.spawn("nvsp:init", async move {
+                h2.waiting_on("NVSP init completion", NEVER.wait()).await;
+            });
+            h.spawn("busy", async {});
+            h.sleep(Duration::from_millis(5)).await;
+            h.spawn("late", async {});
+            h.report()
+        })
+        .unwrap();
+    let text = report.to_string();
+    assert!(
+        text.contains("task #2 nvsp:init waits on NVSP init completion; event 'host reply'"),
+        "{text}"
+    );
+    assert!(text.contains("task #4 late is ready"), "{text}");
+    assert!(
+        !text.contains("busy"),
+        "finished tasks are not listed: {text}"
+    );
+    assert!(!report.tasks[0].ready, "main is being polled, not queued");
 }
