@@ -59,6 +59,15 @@ pub enum AcpiSetupError {
     Tables(acpi::AcpiError),
 }
 
+impl core::fmt::Display for AcpiSetupError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoRsdp => f.write_str("the loader gave no RSDP"),
+            Self::Tables(e) => write!(f, "{e:?}"),
+        }
+    }
+}
+
 /// Parses the tables the loader pointed at.
 pub fn init(rsdp: Option<Rsdp>) -> Result<Summary, AcpiSetupError> {
     let address = match rsdp.ok_or(AcpiSetupError::NoRsdp)? {

@@ -6,6 +6,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 use core::time::Duration;
 
 use hvnet_hyperv::{Cpuid, CpuidResult, Hypervisor};
+use hvnet_runtime::irq::IrqSignal;
 use hvnet_runtime::{Executor, Handle};
 use log::{error, info, warn};
 
@@ -19,8 +20,7 @@ use crate::{acpi, logger, time};
 const MIB: u64 = 1 << 20;
 
 /// How fatal stops end (set from the command line; `Halt` until then).
-static EXIT_MODE: AtomicU8 = AtomicU8::new(0);
-const EXIT_HALT: u8 = 0;
+static EXIT_MODE: AtomicU8 = AtomicU8::new(0); // 0: halt
 const EXIT_DEBUG_PORT: u8 = 1;
 
 /// Loader memory as the boot identity map shows it: the first 4 GiB.
@@ -153,7 +153,7 @@ extern "C" fn kernel_entry(protocol: u32, info: u64) -> ! {
             s.io_apics,
             if s.power_off { "via S5" } else { "unavailable" }
         ),
-        Err(e) => warn!("acpi: tables unusable: {e:?}"),
+        Err(e) => warn!("acpi: tables unusable: {e}"),
     }
 
     let hypervisor = hvnet_hyperv::detect(&NativeCpuid);
@@ -200,9 +200,10 @@ fn init_memory(boot: &BootInfo) {
     };
     heap::init(heap_start, heap_size as usize);
     info!(
-        "memory: {} MiB usable in {} map entries, kernel {} KiB at {:#x}, heap {} MiB at {:#x}, {} page-table frames",
+        "memory: {} MiB usable in {} map entries ({} MiB mapped), kernel {} KiB at {:#x}, heap {} MiB at {:#x}, {} page-table frames",
         usable / MIB,
         boot.memory_regions().len(),
+        summary.mapped_ram / MIB,
         (image.1 - image.0) / 1024,
         image.0,
         heap_size / MIB,
@@ -221,7 +222,7 @@ async fn appliance(handle: Handle, hypervisor: Hypervisor, config: Config) {
         _ => info!("hvnet: ready, no VMBus (not Hyper-V)"),
     }
     let (used, size) = heap::stats();
-    log::debug!("heap: {used} of {size} bytes in use");
+    log::debug!("heap: {used} of {size} bytes in use, {} failed allocations", heap::failures());
 
     match config.test {
         None => {}
@@ -238,6 +239,20 @@ async fn appliance(handle: Handle, hypervisor: Hypervisor, config: Config) {
             if slept < requested || probe.len() != 4096 {
                 error!("timer: woke early");
                 fatal_stop();
+            }
+            // The device-interrupt path: vector -> IrqSignal -> this task, via a self-IPI.
+            static TEST_IRQ: IrqSignal = IrqSignal::named("self-test IPI");
+            idt::register(idt::FIRST_DEVICE_VECTOR, &TEST_IRQ);
+            apic::self_ipi(idt::FIRST_DEVICE_VECTOR);
+            match handle.timeout(Duration::from_millis(100), TEST_IRQ.wait()).await {
+                Ok(()) => info!("irq: self-IPI on vector {:#x} woke its task", idt::FIRST_DEVICE_VECTOR),
+                Err(_) => {
+                    error!("irq: self-IPI never arrived");
+                    fatal_stop();
+                }
+            }
+            if idt::unexpected_interrupts() != 0 {
+                warn!("irq: {} interrupts on unregistered vectors", idt::unexpected_interrupts());
             }
             test_success();
         }

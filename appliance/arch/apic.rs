@@ -111,6 +111,14 @@ pub fn eoi() {
     write(REG_EOI, 0);
 }
 
+/// Sends an interrupt with `vector` to this CPU (used to test the interrupt-to-task
+/// path end to end; later the SMP bring-up's IPIs use the same register).
+pub fn self_ipi(vector: u8) {
+    const REG_ICR_LOW: u32 = 0x300;
+    const SHORTHAND_SELF: u32 = 0b01 << 18;
+    write(REG_ICR_LOW, SHORTHAND_SELF | u32::from(vector));
+}
+
 /// Starts a free-running countdown from `u32::MAX` (timer interrupt masked) for calibration.
 pub fn calibration_start() {
     write(REG_LVT_TIMER, LVT_MASKED | u32::from(TIMER_VECTOR));
@@ -127,12 +135,6 @@ pub fn calibration_elapsed() -> u64 {
 /// Records the calibrated rate (ticks after the divider per millisecond).
 pub fn set_ticks_per_ms(per_ms: u64) {
     TICKS_PER_MS.store(per_ms, Ordering::Relaxed);
-}
-
-/// Uses a rate known from elsewhere (e.g. Hyper-V's APIC frequency MSR), in Hz before the
-/// divider.
-pub fn set_frequency(hz: u64) {
-    TICKS_PER_MS.store(hz / 16 / 1000, Ordering::Relaxed);
 }
 
 /// Arms a one-shot timer interrupt `ns` nanoseconds from now (clamped to what the

@@ -70,13 +70,3 @@ pub fn init() {
 pub fn code_selector() -> u16 {
     TABLES.get().map_or(0x08, |t| t.code.0)
 }
-
-/// IST stack bounds, for the exception report's "which stack" line.
-pub fn ist_range(ist: u8) -> Option<(u64, u64)> {
-    let i = usize::from(ist.checked_sub(1)?);
-    if i >= 4 {
-        return None;
-    }
-    let top = stack_top(i).as_u64();
-    Some((top - IST_STACK_SIZE as u64, top))
-}

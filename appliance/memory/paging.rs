@@ -58,7 +58,6 @@ unsafe impl FrameAllocator<Size4KiB> for TableFrames<'_> {
 #[derive(Debug)]
 pub enum PagingError {
     OutOfFrames,
-    Map(&'static str),
 }
 
 fn map_err<S: PageSize>(e: MapToError<S>) -> Result<(), PagingError> {
