@@ -1,3 +1,5 @@
+# shellcheck shell=bash
+# shellcheck disable=SC2034 # HV_* constants are for the scripts that source this
 # Shared helpers for the hvnet scripts. Source it, do not run it:
 #   . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # It sets HV_ROOT (workspace root) and HV_PROG (the calling script's name).
@@ -104,7 +106,7 @@ hv_put_le() {
     for ((i = 0; i < n; i++)); do
         hex+=$(printf '\\x%02x' $(((val >> (8 * i)) & 0xff)))
     done
-    printf "$hex" | dd of="$file" bs=1 seek="$off" conv=notrunc status=none
+    printf '%b' "$hex" | dd of="$file" bs=1 seek="$off" conv=notrunc status=none
 }
 
 # hv_get_le FILE OFFSET BYTES: read an unsigned little-endian integer.
