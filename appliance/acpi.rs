@@ -18,7 +18,11 @@ use crate::power::{find_s5, SleepTypes};
 struct IdentityHandler;
 
 impl AcpiHandler for IdentityHandler {
-    unsafe fn map_physical_region<T>(&self, physical_address: usize, size: usize) -> PhysicalMapping<Self, T> {
+    unsafe fn map_physical_region<T>(
+        &self,
+        physical_address: usize,
+        size: usize,
+    ) -> PhysicalMapping<Self, T> {
         let mapped = paging::map_firmware(physical_address as u64, size as u64)
             .and_then(|a| NonNull::new(a as *mut T));
         // The trait has no error return; an unmappable table (page 0 or overflowing
@@ -77,9 +81,15 @@ pub fn init(rsdp: Option<Rsdp>) -> Result<Summary, AcpiSetupError> {
     };
     // SAFETY: the address is the RSDP the loader reported (or our copy of it); the crate
     // validates signature and checksum before trusting it.
-    let tables = unsafe { AcpiTables::from_rsdp(IdentityHandler, address) }.map_err(AcpiSetupError::Tables)?;
+    let tables = unsafe { AcpiTables::from_rsdp(IdentityHandler, address) }
+        .map_err(AcpiSetupError::Tables)?;
 
-    let mut summary = Summary { cpus_enabled: 0, cpus_possible: 0, io_apics: 0, power_off: false };
+    let mut summary = Summary {
+        cpus_enabled: 0,
+        cpus_possible: 0,
+        io_apics: 0,
+        power_off: false,
+    };
     if let Ok(madt) = tables.find_table::<Madt>() {
         if madt.get().header.length as usize >= core::mem::size_of::<Madt>() {
             for entry in madt.get().entries() {
@@ -110,7 +120,9 @@ pub fn init(rsdp: Option<Rsdp>) -> Result<Summary, AcpiSetupError> {
             POWER_OFF.call_once(|| p);
             summary.power_off = true;
         }
-        None => log::warn!("ACPI: no usable S5 power-off (needs PM1 I/O ports and \\_S5 in the DSDT)"),
+        None => {
+            log::warn!("ACPI: no usable S5 power-off (needs PM1 I/O ports and \\_S5 in the DSDT)")
+        }
     }
     Ok(summary)
 }
@@ -118,7 +130,9 @@ pub fn init(rsdp: Option<Rsdp>) -> Result<Summary, AcpiSetupError> {
 fn power_off_from(tables: &AcpiTables<IdentityHandler>) -> Option<PowerOff> {
     let fadt = tables.find_table::<acpi::fadt::Fadt>().ok()?;
     let io_port = |g: acpi::address::GenericAddress| {
-        (g.address_space == acpi::address::AddressSpace::SystemIo && g.address != 0 && g.address <= 0xffff)
+        (g.address_space == acpi::address::AddressSpace::SystemIo
+            && g.address != 0
+            && g.address <= 0xffff)
             .then_some(g.address as u16)
     };
     let pm1a = io_port(fadt.pm1a_control_block().ok()?)?;

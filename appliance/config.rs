@@ -45,7 +45,11 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { log_level: LevelFilter::Info, test: None, exit: ExitMode::Halt }
+        Self {
+            log_level: LevelFilter::Info,
+            test: None,
+            exit: ExitMode::Halt,
+        }
     }
 }
 

@@ -43,7 +43,12 @@ struct NativeCpuid;
 impl Cpuid for NativeCpuid {
     fn cpuid(&self, leaf: u32) -> CpuidResult {
         let r = cpu::cpuid(leaf);
-        CpuidResult { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }
+        CpuidResult {
+            eax: r.eax,
+            ebx: r.ebx,
+            ecx: r.ecx,
+            edx: r.edx,
+        }
     }
 }
 
@@ -72,7 +77,13 @@ fn panic(panic: &core::panic::PanicInfo<'_>) -> ! {
     x86_64::instructions::interrupts::disable();
     let mut w = serial::EmergencyWriter;
     let _ = match panic.location() {
-        Some(l) => writeln!(w, "\n*** PANIC at {}:{}: {} ***", l.file(), l.line(), panic.message()),
+        Some(l) => writeln!(
+            w,
+            "\n*** PANIC at {}:{}: {} ***",
+            l.file(),
+            l.line(),
+            panic.message()
+        ),
         None => writeln!(w, "\n*** PANIC: {} ***", panic.message()),
     };
     fatal_stop()
@@ -105,18 +116,30 @@ extern "C" fn kernel_entry(protocol: u32, info: u64) -> ! {
     if config.exit == ExitMode::DebugPort {
         EXIT_MODE.store(EXIT_DEBUG_PORT, Ordering::Relaxed);
     }
-    info!("hvnet {} booting via {}; command line \"{}\"", env!("CARGO_PKG_VERSION"), boot.loader, boot.cmdline());
+    info!(
+        "hvnet {} booting via {}; command line \"{}\"",
+        env!("CARGO_PKG_VERSION"),
+        boot.loader,
+        boot.cmdline()
+    );
     for w in unknown.iter().flatten() {
         warn!("config: ignoring unknown command-line word \"{}\"", w.0);
     }
     if unknown_count > unknown.len() {
-        warn!("config: {} more unknown words ignored", unknown_count - unknown.len());
+        warn!(
+            "config: {} more unknown words ignored",
+            unknown_count - unknown.len()
+        );
     }
     if boot.cmdline_truncated {
         warn!("config: command line truncated");
     }
     if boot.regions_dropped > 0 {
-        warn!("memory: {} memory-map entries beyond the first {} ignored", boot.regions_dropped, boot.memory_regions().len());
+        warn!(
+            "memory: {} memory-map entries beyond the first {} ignored",
+            boot.regions_dropped,
+            boot.memory_regions().len()
+        );
     }
 
     init_memory(&boot);
@@ -171,9 +194,17 @@ fn init_memory(boot: &BootInfo) {
     let image = layout::kernel_image();
     {
         let mut frames = paging::FRAMES.lock();
-        for r in boot.memory_regions().iter().filter(|r| r.kind == crate::boot::info::MemoryKind::Usable) {
+        for r in boot
+            .memory_regions()
+            .iter()
+            .filter(|r| r.kind == crate::boot::info::MemoryKind::Usable)
+        {
             if let Err(e) = frames.add_free(r.start, r.end()) {
-                warn!("memory: overlapping memory-map entry {:#x}..{:#x} ignored ({e:?})", r.start, r.end());
+                warn!(
+                    "memory: overlapping memory-map entry {:#x}..{:#x} ignored ({e:?})",
+                    r.start,
+                    r.end()
+                );
             }
         }
         // The first MiB holds firmware data and (later) the AP start-up trampoline.
@@ -194,8 +225,15 @@ fn init_memory(boot: &BootInfo) {
     let usable = boot.usable_bytes();
     // A quarter of RAM, between 4 and 64 MiB: device buffers come from frames, not the heap.
     let heap_size = (usable / 4).clamp(4 * MIB, 64 * MIB) & !(2 * MIB - 1);
-    let Some(heap_start) = paging::FRAMES.lock().alloc(heap_size / FRAME_SIZE, 2 * MIB, u64::MAX) else {
-        error!("memory: no {} MiB run of RAM for the heap ({} MiB usable)", heap_size / MIB, usable / MIB);
+    let Some(heap_start) = paging::FRAMES
+        .lock()
+        .alloc(heap_size / FRAME_SIZE, 2 * MIB, u64::MAX)
+    else {
+        error!(
+            "memory: no {} MiB run of RAM for the heap ({} MiB usable)",
+            heap_size / MIB,
+            usable / MIB
+        );
         fatal_stop();
     };
     heap::init(heap_start, heap_size as usize);
@@ -222,7 +260,10 @@ async fn appliance(handle: Handle, hypervisor: Hypervisor, config: Config) {
         _ => info!("hvnet: ready, no VMBus (not Hyper-V)"),
     }
     let (used, size) = heap::stats();
-    log::debug!("heap: {used} of {size} bytes in use, {} failed allocations", heap::failures());
+    log::debug!(
+        "heap: {used} of {size} bytes in use, {} failed allocations",
+        heap::failures()
+    );
 
     match config.test {
         None => {}
@@ -233,7 +274,11 @@ async fn appliance(handle: Handle, hypervisor: Hypervisor, config: Config) {
             let t0 = handle.now();
             handle.sleep(requested).await;
             let slept = handle.now().saturating_duration_since(t0);
-            info!("timer: slept {} us for a {} us request", slept.as_micros(), requested.as_micros());
+            info!(
+                "timer: slept {} us for a {} us request",
+                slept.as_micros(),
+                requested.as_micros()
+            );
             // A boxed allocation round trip shows the heap works from tasks.
             let probe = Box::new([0u8; 4096]);
             if slept < requested || probe.len() != 4096 {
@@ -244,15 +289,24 @@ async fn appliance(handle: Handle, hypervisor: Hypervisor, config: Config) {
             static TEST_IRQ: IrqSignal = IrqSignal::named("self-test IPI");
             idt::register(idt::FIRST_DEVICE_VECTOR, &TEST_IRQ);
             apic::self_ipi(idt::FIRST_DEVICE_VECTOR);
-            match handle.timeout(Duration::from_millis(100), TEST_IRQ.wait()).await {
-                Ok(()) => info!("irq: self-IPI on vector {:#x} woke its task", idt::FIRST_DEVICE_VECTOR),
+            match handle
+                .timeout(Duration::from_millis(100), TEST_IRQ.wait())
+                .await
+            {
+                Ok(()) => info!(
+                    "irq: self-IPI on vector {:#x} woke its task",
+                    idt::FIRST_DEVICE_VECTOR
+                ),
                 Err(_) => {
                     error!("irq: self-IPI never arrived");
                     fatal_stop();
                 }
             }
             if idt::unexpected_interrupts() != 0 {
-                warn!("irq: {} interrupts on unregistered vectors", idt::unexpected_interrupts());
+                warn!(
+                    "irq: {} interrupts on unregistered vectors",
+                    idt::unexpected_interrupts()
+                );
             }
             test_success();
         }

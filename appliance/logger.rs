@@ -36,7 +36,10 @@ impl Log for SerialLogger {
             return;
         }
         let ns = crate::time::now_ns();
-        let mut line = Line { buf: [0; 512], len: 0 };
+        let mut line = Line {
+            buf: [0; 512],
+            len: 0,
+        };
         let _ = write!(
             line,
             "[{:5}.{:06}] {:5} {}: {}",

@@ -78,23 +78,32 @@ mod tests {
     #[test]
     fn qemu_piix4_style_package() {
         // Name (_S5, Package (0x04) { Zero, Zero, Zero, Zero }) as QEMU's PIIX4 DSDT has it.
-        let aml = [0x10, 0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x04, 0, 0, 0, 0, 0x5b];
+        let aml = [
+            0x10, 0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x04, 0, 0, 0, 0, 0x5b,
+        ];
         assert_eq!(find_s5(&aml), Some(SleepTypes { a: 0, b: 0 }));
     }
 
     #[test]
     fn byte_prefixed_values_and_root_path() {
-        let aml = [0x08, b'\\', b'_', b'S', b'5', b'_', 0x12, 0x0a, 0x02, 0x0a, 0x05, 0x0a, 0x07];
+        let aml = [
+            0x08, b'\\', b'_', b'S', b'5', b'_', 0x12, 0x0a, 0x02, 0x0a, 0x05, 0x0a, 0x07,
+        ];
         assert_eq!(find_s5(&aml), Some(SleepTypes { a: 5, b: 7 }));
         // Two-byte PkgLength.
-        let aml = [0x08, b'_', b'S', b'5', b'_', 0x12, 0x40, 0x01, 0x02, 0x01, 0x0a, 0x03];
+        let aml = [
+            0x08, b'_', b'S', b'5', b'_', 0x12, 0x40, 0x01, 0x02, 0x01, 0x0a, 0x03,
+        ];
         assert_eq!(find_s5(&aml), Some(SleepTypes { a: 1, b: 3 }));
     }
 
     #[test]
     fn references_that_are_not_definitions_are_skipped() {
         // A method call mentioning _S5_ first, then the real definition.
-        let aml = [0x70, b'_', b'S', b'5', b'_', 0x08, b'_', b'S', b'5', b'_', 0x12, 0x05, 0x02, 0x01, 0x01];
+        let aml = [
+            0x70, b'_', b'S', b'5', b'_', 0x08, b'_', b'S', b'5', b'_', 0x12, 0x05, 0x02, 0x01,
+            0x01,
+        ];
         assert_eq!(find_s5(&aml), Some(SleepTypes { a: 1, b: 1 }));
     }
 
@@ -103,8 +112,14 @@ mod tests {
         assert_eq!(find_s5(&[]), None);
         assert_eq!(find_s5(b"_S5_"), None);
         assert_eq!(find_s5(&[0x08, b'_', b'S', b'5', b'_', 0x12]), None);
-        assert_eq!(find_s5(&[0x08, b'_', b'S', b'5', b'_', 0x12, 0xc0, 0x02]), None);
-        assert_eq!(find_s5(&[0x08, b'_', b'S', b'5', b'_', 0x12, 0x04, 0x02, 0x0a]), None);
+        assert_eq!(
+            find_s5(&[0x08, b'_', b'S', b'5', b'_', 0x12, 0xc0, 0x02]),
+            None
+        );
+        assert_eq!(
+            find_s5(&[0x08, b'_', b'S', b'5', b'_', 0x12, 0x04, 0x02, 0x0a]),
+            None
+        );
         for n in 0..=255u8 {
             let aml = [0x08, b'_', b'S', b'5', b'_', n, n, n, n, n];
             let _ = find_s5(&aml);

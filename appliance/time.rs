@@ -44,7 +44,10 @@ pub fn calibrate() -> Option<Calibration> {
     apic::set_ticks_per_ms(apic_ticks_per_ms);
     TSC_BASE.store(t0, Ordering::Relaxed);
     TSC_KHZ.store(tsc_khz, Ordering::Release);
-    Some(Calibration { tsc_khz, apic_ticks_per_ms })
+    Some(Calibration {
+        tsc_khz,
+        apic_ticks_per_ms,
+    })
 }
 
 /// Nanoseconds since calibration.

@@ -10,12 +10,16 @@ pub fn cpuid(leaf: u32) -> CpuIdResult {
 
 /// Whether the CPU offers x2APIC (CPUID.1:ECX bit 21).
 pub fn has_x2apic() -> bool {
-    CpuId::new().get_feature_info().is_some_and(|f| f.has_x2apic())
+    CpuId::new()
+        .get_feature_info()
+        .is_some_and(|f| f.has_x2apic())
 }
 
 /// Whether the CPU supports the no-execute page bit (CPUID.80000001h:EDX bit 20).
 pub fn has_nx() -> bool {
-    CpuId::new().get_extended_processor_and_feature_identifiers().is_some_and(|f| f.has_execute_disable())
+    CpuId::new()
+        .get_extended_processor_and_feature_identifiers()
+        .is_some_and(|f| f.has_execute_disable())
 }
 
 /// CPU brand string, or vendor if there is none.

@@ -136,20 +136,19 @@ const INTERRUPT_GATE_PRESENT: u8 = 0x8e;
 #[repr(C, align(16))]
 struct Idt([Gate; 256]);
 
-static mut IDT: Idt = Idt(
-    [Gate {
-        offset_low: 0,
-        selector: 0,
-        ist: 0,
-        type_attr: 0,
-        offset_mid: 0,
-        offset_high: 0,
-        reserved: 0,
-    }; 256],
-);
+static mut IDT: Idt = Idt([Gate {
+    offset_low: 0,
+    selector: 0,
+    ist: 0,
+    type_attr: 0,
+    offset_mid: 0,
+    offset_high: 0,
+    reserved: 0,
+}; 256]);
 
 /// Signals raised by device vectors; null when nothing is registered.
-static SIGNALS: [AtomicPtr<IrqSignal>; 256] = [const { AtomicPtr::new(core::ptr::null_mut()) }; 256];
+static SIGNALS: [AtomicPtr<IrqSignal>; 256] =
+    [const { AtomicPtr::new(core::ptr::null_mut()) }; 256];
 /// Set while an exception report is being printed.
 static IN_EXCEPTION: AtomicBool = AtomicBool::new(false);
 /// Interrupts that arrived on a vector nobody registered.
@@ -196,7 +195,10 @@ pub fn init() {
 
 /// Routes `vector` to `signal`: the interrupt handler will `raise` it and send EOI.
 pub fn register(vector: u8, signal: &'static IrqSignal) {
-    SIGNALS[usize::from(vector)].store(signal as *const IrqSignal as *mut IrqSignal, Ordering::Release);
+    SIGNALS[usize::from(vector)].store(
+        signal as *const IrqSignal as *mut IrqSignal,
+        Ordering::Release,
+    );
 }
 
 /// Number of interrupts that arrived on unregistered vectors.
@@ -275,27 +277,61 @@ fn exception(frame: &TrapFrame) -> ! {
     // A fault inside the report would reuse (and overwrite) the same IST stack: say so
     // briefly and stop instead of recursing.
     if IN_EXCEPTION.swap(true, Ordering::Relaxed) {
-        let _ = writeln!(w, "\n*** nested EXCEPTION {v} at RIP {:#x} while reporting; halting ***", frame.rip);
+        let _ = writeln!(
+            w,
+            "\n*** nested EXCEPTION {v} at RIP {:#x} while reporting; halting ***",
+            frame.rip
+        );
         crate::fatal_stop();
     }
     let _ = writeln!(w, "\n*** EXCEPTION {v} ({}) ***", EXCEPTION_NAMES[v & 31]);
-    let _ = writeln!(w, "error code {:#x}  RIP {:#018x}  CS {:#x}  RFLAGS {:#x}", frame.error_code, frame.rip, frame.cs, frame.rflags);
+    let _ = writeln!(
+        w,
+        "error code {:#x}  RIP {:#018x}  CS {:#x}  RFLAGS {:#x}",
+        frame.error_code, frame.rip, frame.cs, frame.rflags
+    );
     if v == 14 {
         let cr2 = Cr2::read_raw();
         let e = frame.error_code;
         let _ = writeln!(
             w,
             "CR2 {cr2:#018x}  ({} {} in {} mode{})",
-            if e & 1 != 0 { "protection violation" } else { "page not present" },
-            if e & 0x10 != 0 { "on instruction fetch" } else if e & 2 != 0 { "on write" } else { "on read" },
+            if e & 1 != 0 {
+                "protection violation"
+            } else {
+                "page not present"
+            },
+            if e & 0x10 != 0 {
+                "on instruction fetch"
+            } else if e & 2 != 0 {
+                "on write"
+            } else {
+                "on read"
+            },
             if e & 4 != 0 { "user" } else { "kernel" },
             if e & 8 != 0 { ", reserved bit set" } else { "" },
         );
     }
-    let _ = writeln!(w, "RSP {:#018x}  SS {:#x}  RBP {:#018x}", frame.rsp, frame.ss, frame.rbp);
-    let _ = writeln!(w, "RAX {:#018x} RBX {:#018x} RCX {:#018x} RDX {:#018x}", frame.rax, frame.rbx, frame.rcx, frame.rdx);
-    let _ = writeln!(w, "RSI {:#018x} RDI {:#018x} R8  {:#018x} R9  {:#018x}", frame.rsi, frame.rdi, frame.r8, frame.r9);
-    let _ = writeln!(w, "R10 {:#018x} R11 {:#018x} R12 {:#018x} R13 {:#018x}", frame.r10, frame.r11, frame.r12, frame.r13);
+    let _ = writeln!(
+        w,
+        "RSP {:#018x}  SS {:#x}  RBP {:#018x}",
+        frame.rsp, frame.ss, frame.rbp
+    );
+    let _ = writeln!(
+        w,
+        "RAX {:#018x} RBX {:#018x} RCX {:#018x} RDX {:#018x}",
+        frame.rax, frame.rbx, frame.rcx, frame.rdx
+    );
+    let _ = writeln!(
+        w,
+        "RSI {:#018x} RDI {:#018x} R8  {:#018x} R9  {:#018x}",
+        frame.rsi, frame.rdi, frame.r8, frame.r9
+    );
+    let _ = writeln!(
+        w,
+        "R10 {:#018x} R11 {:#018x} R12 {:#018x} R13 {:#018x}",
+        frame.r10, frame.r11, frame.r12, frame.r13
+    );
     let _ = writeln!(w, "R14 {:#018x} R15 {:#018x}", frame.r14, frame.r15);
     let guard = crate::memory::layout::stack_guard();
     if (guard.0..guard.1).contains(&frame.rsp) || (guard.0..guard.1).contains(&Cr2::read_raw()) {
@@ -312,7 +348,10 @@ fn stack_summary(w: &mut EmergencyWriter, frame: &TrapFrame) {
     let (lo, hi) = crate::memory::layout::kernel_image();
     let guard = crate::memory::layout::stack_guard();
     let readable = |addr: u64| {
-        addr % 8 == 0 && addr >= lo && addr.saturating_add(8) <= hi && !(guard.0..guard.1).contains(&addr)
+        addr % 8 == 0
+            && addr >= lo
+            && addr.saturating_add(8) <= hi
+            && !(guard.0..guard.1).contains(&addr)
     };
     if readable(frame.rsp) {
         let _ = write!(w, "stack:");
@@ -335,7 +374,10 @@ fn stack_summary(w: &mut EmergencyWriter, frame: &TrapFrame) {
         }
         // SAFETY: both words lie inside the mapped kernel image (checked above).
         let (next, ret) = unsafe {
-            (core::ptr::read_volatile(rbp as *const u64), core::ptr::read_volatile((rbp + 8) as *const u64))
+            (
+                core::ptr::read_volatile(rbp as *const u64),
+                core::ptr::read_volatile((rbp + 8) as *const u64),
+            )
         };
         if ret == 0 {
             break;

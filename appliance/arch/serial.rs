@@ -11,8 +11,13 @@ static PORT: Mutex<Option<Uart16550<PioBackend>>> = Mutex::new(None);
 /// Initialises COM1. Output before this (or if the UART is absent) is dropped.
 pub fn init() {
     // SAFETY: 0x3f8..0x400 is the standard COM1 range and only this module drives it.
-    let Ok(mut uart) = (unsafe { Uart16550::new_port(COM1) }) else { return };
-    let config = Config { baud_rate: uart_16550::BaudRate::Baud115200, ..Config::DEFAULT };
+    let Ok(mut uart) = (unsafe { Uart16550::new_port(COM1) }) else {
+        return;
+    };
+    let config = Config {
+        baud_rate: uart_16550::BaudRate::Baud115200,
+        ..Config::DEFAULT
+    };
     if uart.init(config).is_ok() {
         *PORT.lock() = Some(uart);
     }

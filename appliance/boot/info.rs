@@ -87,7 +87,10 @@ pub enum Rsdp {
     /// The loader gave its physical address (PVH).
     Address(u64),
     /// The loader gave a copy of the structure (Multiboot2 tags 14/15).
-    Copy { bytes: [u8; RSDP_MAX_LEN], len: usize },
+    Copy {
+        bytes: [u8; RSDP_MAX_LEN],
+        len: usize,
+    },
 }
 
 /// Everything the kernel needs from its loader, copied out of loader memory.
@@ -150,8 +153,11 @@ impl BootInfo {
     fn empty(loader: Loader) -> Self {
         Self {
             loader,
-            regions: [MemoryRegion { start: 0, len: 0, kind: MemoryKind::Reserved };
-                MAX_MEMORY_REGIONS],
+            regions: [MemoryRegion {
+                start: 0,
+                len: 0,
+                kind: MemoryKind::Reserved,
+            }; MAX_MEMORY_REGIONS],
             region_count: 0,
             regions_dropped: 0,
             rsdp: None,
@@ -197,8 +203,11 @@ impl BootInfo {
             self.regions_dropped += 1;
             return;
         }
-        self.regions[self.region_count] =
-            MemoryRegion { start, len, kind: MemoryKind::from_e820(kind) };
+        self.regions[self.region_count] = MemoryRegion {
+            start,
+            len,
+            kind: MemoryKind::from_e820(kind),
+        };
         self.region_count += 1;
     }
 
@@ -217,7 +226,10 @@ impl BootInfo {
         const E820_ENTRY_LEN: usize = 24;
         let si = mem
             .read(info, START_INFO_LEN)
-            .ok_or(BootInfoError::Unreadable { what: "hvm_start_info", addr: info })?;
+            .ok_or(BootInfoError::Unreadable {
+                what: "hvm_start_info",
+                addr: info,
+            })?;
         let magic = u32_at(si, 0).unwrap_or(0);
         if magic != PVH_MAGIC {
             return Err(BootInfoError::UnknownProtocol(magic));
@@ -247,7 +259,10 @@ impl BootInfo {
         }
         let table = mem
             .read(map, entries * E820_ENTRY_LEN)
-            .ok_or(BootInfoError::Unreadable { what: "PVH memory map", addr: map })?;
+            .ok_or(BootInfoError::Unreadable {
+                what: "PVH memory map",
+                addr: map,
+            })?;
         for e in table.chunks_exact(E820_ENTRY_LEN) {
             let (Some(start), Some(len), Some(kind)) = (u64_at(e, 0), u64_at(e, 8), u32_at(e, 16))
             else {
@@ -262,16 +277,18 @@ impl BootInfo {
     /// `(type: u32, size: u32, payload)` ending with type 0.
     fn parse_multiboot2(info: u64, mem: &dyn PhysMemory) -> Result<Self, BootInfoError> {
         const MAX_INFO_LEN: usize = 1 << 20;
-        let head = mem
-            .read(info, 8)
-            .ok_or(BootInfoError::Unreadable { what: "multiboot2 information", addr: info })?;
+        let head = mem.read(info, 8).ok_or(BootInfoError::Unreadable {
+            what: "multiboot2 information",
+            addr: info,
+        })?;
         let total = u32_at(head, 0).unwrap_or(0) as usize;
         if !(16..=MAX_INFO_LEN).contains(&total) {
             return Err(BootInfoError::BadLength("multiboot2 total_size"));
         }
-        let all = mem
-            .read(info, total)
-            .ok_or(BootInfoError::Unreadable { what: "multiboot2 information", addr: info })?;
+        let all = mem.read(info, total).ok_or(BootInfoError::Unreadable {
+            what: "multiboot2 information",
+            addr: info,
+        })?;
         let mut out = Self::empty(Loader::Multiboot2);
         let mut saw_map = false;
         let mut off = 8usize;
@@ -374,8 +391,11 @@ mod tests {
         put(&mut b, 40, &(base + 0x400).to_le_bytes());
         put(&mut b, 48, &entries.to_le_bytes());
         put(&mut b, 0x200, b"log=debug test=ready\0junk");
-        let map: [(u64, u64, u32); 3] =
-            [(0, 0x9fc00, 1), (0x100000, 0x7ee0000, 1), (0xfffc0000, 0x40000, 2)];
+        let map: [(u64, u64, u32); 3] = [
+            (0, 0x9fc00, 1),
+            (0x100000, 0x7ee0000, 1),
+            (0xfffc0000, 0x40000, 2),
+        ];
         for (i, (s, l, t)) in map.iter().enumerate() {
             let o = 0x400 + i * 24;
             put(&mut b, o, &s.to_le_bytes());
@@ -394,7 +414,14 @@ mod tests {
         assert_eq!(info.rsdp, Some(Rsdp::Address(0xf5a30)));
         let r = info.memory_regions();
         assert_eq!(r.len(), 3);
-        assert_eq!(r[1], MemoryRegion { start: 0x100000, len: 0x7ee0000, kind: MemoryKind::Usable });
+        assert_eq!(
+            r[1],
+            MemoryRegion {
+                start: 0x100000,
+                len: 0x7ee0000,
+                kind: MemoryKind::Usable
+            }
+        );
         assert_eq!(r[2].kind, MemoryKind::Reserved);
         assert_eq!(info.usable_bytes(), 0x9fc00 + 0x7ee0000);
     }
@@ -438,7 +465,10 @@ mod tests {
         b.extend_from_slice(&[0, 0, 0, 0, 8, 0, 0, 0]);
         let total = b.len() as u32;
         b[0..4].copy_from_slice(&total.to_le_bytes());
-        FakeMemory { base: 0x9000, bytes: b }
+        FakeMemory {
+            base: 0x9000,
+            bytes: b,
+        }
     }
 
     fn mmap_tag(entries: &[(u64, u64, u32)]) -> Vec<u8> {
@@ -465,7 +495,14 @@ mod tests {
             (1, b"log=trace\0".to_vec()),
             (15, rsdp_new.clone()),
             (14, rsdp_old),
-            (6, mmap_tag(&[(0, 0x9f000, 1), (0x100000, 0x3ff00000, 1), (0xfee00000, 0x1000, 2)])),
+            (
+                6,
+                mmap_tag(&[
+                    (0, 0x9f000, 1),
+                    (0x100000, 0x3ff00000, 1),
+                    (0xfee00000, 0x1000, 2),
+                ]),
+            ),
             (99, std::vec![1, 2, 3]),
         ]);
         let info = BootInfo::parse(MULTIBOOT2_MAGIC, 0x9000, &mem).unwrap();
@@ -516,8 +553,7 @@ mod tests {
 
     #[test]
     fn oversized_maps_and_cmdlines_are_cut_not_overflowed() {
-        let entries: Vec<(u64, u64, u32)> =
-            (0..200).map(|i| (i * 0x10000, 0x1000, 1)).collect();
+        let entries: Vec<(u64, u64, u32)> = (0..200).map(|i| (i * 0x10000, 0x1000, 1)).collect();
         let long = std::vec![b'a'; MAX_CMDLINE + 50];
         let mut cmd = long.clone();
         cmd.push(0);

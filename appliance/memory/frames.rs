@@ -58,7 +58,10 @@ fn align_up(v: u64, a: u64) -> Option<u64> {
 
 impl FrameAllocator {
     pub const fn new() -> Self {
-        Self { ranges: [Range { start: 0, end: 0 }; MAX_RANGES], count: 0 }
+        Self {
+            ranges: [Range { start: 0, end: 0 }; MAX_RANGES],
+            count: 0,
+        }
     }
 
     /// The free ranges, sorted by address.
@@ -74,7 +77,9 @@ impl FrameAllocator {
     /// Adds `[start, end)` (rounded inwards to frames) as free memory. Overlap with free
     /// memory is refused like a double free.
     pub fn add_free(&mut self, start: u64, end: u64) -> Result<(), FrameError> {
-        let Some(start) = align_up(start, FRAME_SIZE) else { return Ok(()) };
+        let Some(start) = align_up(start, FRAME_SIZE) else {
+            return Ok(());
+        };
         let end = end & !(FRAME_SIZE - 1);
         if start >= end {
             return Ok(());
@@ -94,8 +99,14 @@ impl FrameAllocator {
                 i += 1;
                 continue;
             }
-            let left = Range { start: r.start, end: start.max(r.start) };
-            let right = Range { start: end.min(r.end), end: r.end };
+            let left = Range {
+                start: r.start,
+                end: start.max(r.start),
+            };
+            let right = Range {
+                start: end.min(r.end),
+                end: r.end,
+            };
             match (left.is_empty(), right.is_empty()) {
                 (true, true) => {
                     self.remove_at(i);
@@ -128,7 +139,9 @@ impl FrameAllocator {
         for i in (0..self.count).rev() {
             let r = self.ranges[i];
             let top = r.end.min(limit);
-            let Some(candidate) = top.checked_sub(size) else { continue };
+            let Some(candidate) = top.checked_sub(size) else {
+                continue;
+            };
             let start = candidate & !(align - 1);
             if start < r.start {
                 continue;
@@ -167,7 +180,10 @@ impl FrameAllocator {
         let overlaps_prev = pos > 0 && self.ranges[pos - 1].end > new.start;
         let overlaps_next = pos < self.count && self.ranges[pos].start < new.end;
         if overlaps_prev || overlaps_next {
-            return Err(FrameError::OverlapsFree { start: new.start, end: new.end });
+            return Err(FrameError::OverlapsFree {
+                start: new.start,
+                end: new.end,
+            });
         }
         let joins_prev = pos > 0 && self.ranges[pos - 1].end == new.start;
         let joins_next = pos < self.count && self.ranges[pos].start == new.end;
@@ -209,18 +225,38 @@ mod tests {
 
     fn sorted_and_disjoint(a: &FrameAllocator) -> bool {
         a.ranges().windows(2).all(|w| w[0].end < w[1].start)
-            && a.ranges().iter().all(|r| r.start < r.end && r.start % FRAME_SIZE == 0)
+            && a.ranges()
+                .iter()
+                .all(|r| r.start < r.end && r.start % FRAME_SIZE == 0)
     }
 
     #[test]
     fn add_rounds_inwards_and_merges() {
         let mut a = FrameAllocator::new();
         a.add_free(0x1001, 0x5fff).unwrap();
-        assert_eq!(a.ranges(), [Range { start: 0x2000, end: 0x5000 }]);
+        assert_eq!(
+            a.ranges(),
+            [Range {
+                start: 0x2000,
+                end: 0x5000
+            }]
+        );
         a.add_free(0x5000, 0x8000).unwrap();
         a.add_free(0x0, 0x2000).unwrap();
-        assert_eq!(a.ranges(), [Range { start: 0, end: 0x8000 }]);
-        assert_eq!(a.add_free(0x7000, 0x9000), Err(FrameError::OverlapsFree { start: 0x7000, end: 0x9000 }));
+        assert_eq!(
+            a.ranges(),
+            [Range {
+                start: 0,
+                end: 0x8000
+            }]
+        );
+        assert_eq!(
+            a.add_free(0x7000, 0x9000),
+            Err(FrameError::OverlapsFree {
+                start: 0x7000,
+                end: 0x9000
+            })
+        );
     }
 
     #[test]
@@ -230,10 +266,22 @@ mod tests {
         a.reserve(MIB, 2 * MIB + 1).unwrap();
         assert_eq!(
             a.ranges(),
-            [Range { start: 0, end: MIB }, Range { start: 2 * MIB + FRAME_SIZE, end: 16 * MIB }]
+            [
+                Range { start: 0, end: MIB },
+                Range {
+                    start: 2 * MIB + FRAME_SIZE,
+                    end: 16 * MIB
+                }
+            ]
         );
         a.reserve(0, 4 * MIB).unwrap();
-        assert_eq!(a.ranges(), [Range { start: 4 * MIB, end: 16 * MIB }]);
+        assert_eq!(
+            a.ranges(),
+            [Range {
+                start: 4 * MIB,
+                end: 16 * MIB
+            }]
+        );
         a.reserve(0, u64::MAX).unwrap();
         assert!(a.ranges().is_empty());
     }
@@ -247,9 +295,15 @@ mod tests {
         let big = a.alloc(512, 2 * MIB, u64::MAX).unwrap();
         assert_eq!(big % (2 * MIB), 0);
         assert_eq!(big + 2 * MIB, 8 * GIB);
-        assert!(a.alloc(1, 3 * FRAME_SIZE, u64::MAX).is_none(), "non power-of-two align");
+        assert!(
+            a.alloc(1, 3 * FRAME_SIZE, u64::MAX).is_none(),
+            "non power-of-two align"
+        );
         assert!(a.alloc(0, FRAME_SIZE, u64::MAX).is_none());
-        assert!(a.alloc(1, FRAME_SIZE, MIB).is_none(), "nothing below the limit");
+        assert!(
+            a.alloc(1, FRAME_SIZE, MIB).is_none(),
+            "nothing below the limit"
+        );
         assert!(sorted_and_disjoint(&a));
     }
 
@@ -262,9 +316,21 @@ mod tests {
         let y = a.alloc(4, FRAME_SIZE, u64::MAX).unwrap();
         assert_eq!(a.free_bytes(), before - 8 * FRAME_SIZE);
         a.free(x, 4).unwrap();
-        assert_eq!(a.free(x, 4), Err(FrameError::OverlapsFree { start: x, end: x + 4 * FRAME_SIZE }));
+        assert_eq!(
+            a.free(x, 4),
+            Err(FrameError::OverlapsFree {
+                start: x,
+                end: x + 4 * FRAME_SIZE
+            })
+        );
         a.free(y, 4).unwrap();
-        assert_eq!(a.ranges(), [Range { start: 0, end: 64 * FRAME_SIZE }]);
+        assert_eq!(
+            a.ranges(),
+            [Range {
+                start: 0,
+                end: 64 * FRAME_SIZE
+            }]
+        );
         assert_eq!(a.free(1, 1), Err(FrameError::Unaligned));
         assert_eq!(a.free(u64::MAX & !0xfff, 2), Err(FrameError::Unaligned));
     }
@@ -275,7 +341,10 @@ mod tests {
         a.add_free(0, 4 * MAX_RANGES as u64 * FRAME_SIZE).unwrap();
         let mut refused = false;
         for i in 0..(2 * MAX_RANGES as u64) {
-            match a.reserve(2 * i * FRAME_SIZE + FRAME_SIZE, 2 * i * FRAME_SIZE + 2 * FRAME_SIZE) {
+            match a.reserve(
+                2 * i * FRAME_SIZE + FRAME_SIZE,
+                2 * i * FRAME_SIZE + 2 * FRAME_SIZE,
+            ) {
                 Ok(()) => {}
                 Err(FrameError::TooFragmented) => refused = true,
                 Err(e) => panic!("{e:?}"),
@@ -303,7 +372,9 @@ mod tests {
                 let align = FRAME_SIZE << (seed % 4);
                 if let Some(p) = a.alloc(pages, align, u64::MAX) {
                     assert_eq!(p % align, 0);
-                    assert!(live.iter().all(|&(s, n)| p + pages * FRAME_SIZE <= s || s + n * FRAME_SIZE <= p));
+                    assert!(live
+                        .iter()
+                        .all(|&(s, n)| p + pages * FRAME_SIZE <= s || s + n * FRAME_SIZE <= p));
                     live.push((p, pages));
                 }
             } else {

@@ -44,7 +44,10 @@ unsafe impl GlobalAlloc for KernelHeap {
 }
 
 #[global_allocator]
-static HEAP: KernelHeap = KernelHeap { inner: LockedHeap::empty(), failures: AtomicU64::new(0) };
+static HEAP: KernelHeap = KernelHeap {
+    inner: LockedHeap::empty(),
+    failures: AtomicU64::new(0),
+};
 
 /// Gives the heap `[start, start + size)`, which must be mapped, writable and unused.
 pub fn init(start: u64, size: usize) {

@@ -141,15 +141,58 @@ pub fn init(boot: &BootInfo) -> Result<PagingSummary, PagingError> {
 
     let rw = F::PRESENT | F::WRITABLE | nx();
     let image = layout::kernel_image();
-    map_identity(&mut mapper, &mut alloc, layout::boot_section().0, layout::boot_section().1, F::PRESENT, false, false)?;
-    map_identity(&mut mapper, &mut alloc, layout::text().0, layout::text().1, F::PRESENT, false, false)?;
-    map_identity(&mut mapper, &mut alloc, layout::rodata().0, layout::rodata().1, F::PRESENT | nx(), false, false)?;
-    map_identity(&mut mapper, &mut alloc, layout::data_below_guard().0, layout::data_below_guard().1, rw, false, false)?;
-    map_identity(&mut mapper, &mut alloc, layout::data_above_guard().0, layout::data_above_guard().1, rw, false, false)?;
+    map_identity(
+        &mut mapper,
+        &mut alloc,
+        layout::boot_section().0,
+        layout::boot_section().1,
+        F::PRESENT,
+        false,
+        false,
+    )?;
+    map_identity(
+        &mut mapper,
+        &mut alloc,
+        layout::text().0,
+        layout::text().1,
+        F::PRESENT,
+        false,
+        false,
+    )?;
+    map_identity(
+        &mut mapper,
+        &mut alloc,
+        layout::rodata().0,
+        layout::rodata().1,
+        F::PRESENT | nx(),
+        false,
+        false,
+    )?;
+    map_identity(
+        &mut mapper,
+        &mut alloc,
+        layout::data_below_guard().0,
+        layout::data_below_guard().1,
+        rw,
+        false,
+        false,
+    )?;
+    map_identity(
+        &mut mapper,
+        &mut alloc,
+        layout::data_above_guard().0,
+        layout::data_above_guard().1,
+        rw,
+        false,
+        false,
+    )?;
 
     let mut mapped_ram = 0;
     for r in boot.memory_regions() {
-        if !matches!(r.kind, MemoryKind::Usable | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs) {
+        if !matches!(
+            r.kind,
+            MemoryKind::Usable | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs
+        ) {
             continue;
         }
         // Never map page 0, and leave the kernel image to the section mappings above.
@@ -172,10 +215,15 @@ pub fn init(boot: &BootInfo) -> Result<PagingSummary, PagingError> {
         Cr0::update(|f| f.insert(Cr0Flags::WRITE_PROTECT));
     }
     *PML4.lock() = Some(pml4.start_address().as_u64());
-    Ok(PagingSummary { mapped_ram, table_frames })
+    Ok(PagingSummary {
+        mapped_ram,
+        table_frames,
+    })
 }
 
-fn with_active<R>(f: impl FnOnce(&mut OffsetPageTable<'_>, &mut TableFrames<'_>) -> R) -> Option<R> {
+fn with_active<R>(
+    f: impl FnOnce(&mut OffsetPageTable<'_>, &mut TableFrames<'_>) -> R,
+) -> Option<R> {
     let pml4 = (*PML4.lock())?;
     let mut frames = FRAMES.lock();
     // SAFETY: `pml4` is the active top-level table (identity-mapped); the PML4 lock's

@@ -130,9 +130,19 @@ impl fmt::Display for Hypervisor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::None => f.write_str("none"),
-            Self::HyperV(i) => write!(f, "Microsoft Hyper-V {}.{} (build {})", i.major, i.minor, i.build),
+            Self::HyperV(i) => write!(
+                f,
+                "Microsoft Hyper-V {}.{} (build {})",
+                i.major, i.minor, i.build
+            ),
             Self::Other { vendor } => {
-                let s = vendor.iter().map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { '.' });
+                let s = vendor.iter().map(|&b| {
+                    if b.is_ascii_graphic() || b == b' ' {
+                        b as char
+                    } else {
+                        '.'
+                    }
+                });
                 f.write_str("\"")?;
                 for ch in s {
                     fmt::Write::write_char(f, ch)?;
@@ -160,16 +170,46 @@ mod tests {
 
     fn vendor(sig: &[u8; 12], max: u32) -> CpuidResult {
         let w = |i: usize| u32::from_le_bytes([sig[i], sig[i + 1], sig[i + 2], sig[i + 3]]);
-        CpuidResult { eax: max, ebx: w(0), ecx: w(4), edx: w(8) }
+        CpuidResult {
+            eax: max,
+            ebx: w(0),
+            ecx: w(4),
+            edx: w(8),
+        }
     }
 
     fn hyperv(privileges: u32) -> Table {
         let mut t = BTreeMap::new();
-        t.insert(1, CpuidResult { ecx: 1 << 31, ..Default::default() });
+        t.insert(
+            1,
+            CpuidResult {
+                ecx: 1 << 31,
+                ..Default::default()
+            },
+        );
         t.insert(CPUID_VENDOR_AND_MAX, vendor(b"Microsoft Hv", 0x4000_000c));
-        t.insert(CPUID_INTERFACE, CpuidResult { eax: HV_INTERFACE_SIGNATURE, ..Default::default() });
-        t.insert(CPUID_VERSION, CpuidResult { eax: 20348, ebx: (10 << 16), ..Default::default() });
-        t.insert(CPUID_FEATURES, CpuidResult { eax: privileges, ..Default::default() });
+        t.insert(
+            CPUID_INTERFACE,
+            CpuidResult {
+                eax: HV_INTERFACE_SIGNATURE,
+                ..Default::default()
+            },
+        );
+        t.insert(
+            CPUID_VERSION,
+            CpuidResult {
+                eax: 20348,
+                ebx: (10 << 16),
+                ..Default::default()
+            },
+        );
+        t.insert(
+            CPUID_FEATURES,
+            CpuidResult {
+                eax: privileges,
+                ..Default::default()
+            },
+        );
         Table(t)
     }
 
@@ -177,17 +217,30 @@ mod tests {
     fn bare_metal_and_other_hypervisors() {
         assert_eq!(detect(&Table(BTreeMap::new())), Hypervisor::None);
         let mut t = BTreeMap::new();
-        t.insert(1, CpuidResult { ecx: 1 << 31, ..Default::default() });
+        t.insert(
+            1,
+            CpuidResult {
+                ecx: 1 << 31,
+                ..Default::default()
+            },
+        );
         t.insert(CPUID_VENDOR_AND_MAX, vendor(b"TCGTCGTCGTCG", 0x4000_0001));
         let h = detect(&Table(t));
-        assert_eq!(h, Hypervisor::Other { vendor: *b"TCGTCGTCGTCG" });
+        assert_eq!(
+            h,
+            Hypervisor::Other {
+                vendor: *b"TCGTCGTCGTCG"
+            }
+        );
         assert_eq!(h.to_string(), "\"TCGTCGTCGTCG\"");
     }
 
     #[test]
     fn hyperv_with_vmbus_privileges() {
         let h = detect(&hyperv(0x2e7f));
-        let Hypervisor::HyperV(i) = h else { panic!("{h:?}") };
+        let Hypervisor::HyperV(i) = h else {
+            panic!("{h:?}")
+        };
         assert_eq!((i.major, i.minor, i.build), (10, 0, 20348));
         assert_eq!(i.missing_for_vmbus(), None);
         assert_eq!(h.to_string(), "Microsoft Hyper-V 10.0 (build 20348)");
@@ -195,7 +248,9 @@ mod tests {
 
     #[test]
     fn hyperv_missing_privileges_is_reported() {
-        let Hypervisor::HyperV(i) = detect(&hyperv(privilege::ACCESS_SYNIC_REGS)) else { panic!() };
+        let Hypervisor::HyperV(i) = detect(&hyperv(privilege::ACCESS_SYNIC_REGS)) else {
+            panic!()
+        };
         assert_eq!(i.missing_for_vmbus(), Some("hypercall MSRs"));
     }
 
