@@ -348,7 +348,7 @@ fn stack_summary(w: &mut EmergencyWriter, frame: &TrapFrame) {
     let (lo, hi) = crate::memory::layout::kernel_image();
     let guard = crate::memory::layout::stack_guard();
     let readable = |addr: u64| {
-        addr % 8 == 0
+        addr.is_multiple_of(8)
             && addr >= lo
             && addr.saturating_add(8) <= hi
             && !(guard.0..guard.1).contains(&addr)

@@ -458,7 +458,7 @@ mod tests {
             b.extend_from_slice(&t.to_le_bytes());
             b.extend_from_slice(&(size as u32).to_le_bytes());
             b.extend_from_slice(payload);
-            while b.len() % 8 != 0 {
+            while !b.len().is_multiple_of(8) {
                 b.push(0);
             }
         }

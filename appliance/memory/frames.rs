@@ -91,7 +91,7 @@ impl FrameAllocator {
     /// it overlaps them.
     pub fn reserve(&mut self, start: u64, end: u64) -> Result<(), FrameError> {
         let start = start & !(FRAME_SIZE - 1);
-        let end = align_up(end, FRAME_SIZE).unwrap_or(u64::MAX & !(FRAME_SIZE - 1));
+        let end = align_up(end, FRAME_SIZE).unwrap_or(!(FRAME_SIZE - 1));
         let mut i = 0;
         while i < self.count {
             let r = self.ranges[i];
@@ -162,7 +162,7 @@ impl FrameAllocator {
     // this once VMBus runs in the image; until then only the tests call it.
     #[cfg_attr(target_os = "none", allow(dead_code))]
     pub fn free(&mut self, start: u64, pages: u64) -> Result<(), FrameError> {
-        if start % FRAME_SIZE != 0 {
+        if !start.is_multiple_of(FRAME_SIZE) {
             return Err(FrameError::Unaligned);
         }
         let end = pages
@@ -332,7 +332,7 @@ mod tests {
             }]
         );
         assert_eq!(a.free(1, 1), Err(FrameError::Unaligned));
-        assert_eq!(a.free(u64::MAX & !0xfff, 2), Err(FrameError::Unaligned));
+        assert_eq!(a.free(!0xfff, 2), Err(FrameError::Unaligned));
     }
 
     #[test]
@@ -367,7 +367,7 @@ mod tests {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            if (seed % 3 != 0 && live.len() < 400) || live.is_empty() {
+            if (!seed.is_multiple_of(3) && live.len() < 400) || live.is_empty() {
                 let pages = 1 + seed % 64;
                 let align = FRAME_SIZE << (seed % 4);
                 if let Some(p) = a.alloc(pages, align, u64::MAX) {

@@ -82,7 +82,7 @@ fn map_identity(
     let mut a = start & !(FRAME_SIZE - 1);
     let end = (end + FRAME_SIZE - 1) & !(FRAME_SIZE - 1);
     while a < end {
-        if huge && a % HUGE == 0 && a + HUGE <= end {
+        if huge && a.is_multiple_of(HUGE) && a + HUGE <= end {
             let page = Page::<Size2MiB>::containing_address(VirtAddr::new(a));
             let frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(a));
             // SAFETY: identity mapping of RAM the memory map reports; it aliases nothing
@@ -204,7 +204,6 @@ pub fn init(boot: &BootInfo) -> Result<PagingSummary, PagingError> {
             }
         }
     }
-    drop(alloc);
     let table_frames = (before - frames.free_bytes()) / FRAME_SIZE;
     drop(frames);
 
