@@ -234,7 +234,7 @@ impl ChannelState {
     }
 
     /// Runs `f`, failing with `Rescinded` as soon as the channel is rescinded.
-    pub(crate) async fn or_rescind<T>(
+    pub async fn or_rescind<T>(
         &self,
         f: impl Future<Output = Result<T, ChannelError>>,
     ) -> Result<T, ChannelError> {

@@ -1,0 +1,391 @@
+//! Glue between the guest VMBus crate and the hvemu host emulator, plus a test driver that
+//! locks like netvsc, for the scenario tests.
+//!
+//! hvemu knows nothing of the guest's traits; these adapters implement the guest's
+//! `Hypervisor` and `DmaAllocator` over an in-process `VmbusHost` and its `GuestMemory`.
+
+#![allow(dead_code)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::boxed::Box;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::vec::Vec;
+
+use hvemu::{DeviceSpec, Faults, GuestMemory, HostConfig, SubchannelTestDevice, VmbusHost};
+use hvnet_runtime::irq::IrqSignal;
+use hvnet_runtime::sync::Semaphore;
+use hvnet_runtime::ConfigLock;
+use hvnet_vmbus::bus::{Device, Driver, RingSizes, VmBus, VmBusConfig};
+use hvnet_vmbus::channel::{BoxFuture, ChannelError, DeviceInstance, OpenedChannel};
+use hvnet_vmbus::memory::{DmaAllocator, MemoryError, SharedBuffer, PAGE_SIZE};
+use hvnet_vmbus::platform::{HvStatus, Hypervisor, SynicMessage};
+use hvnet_vmbus::ring::OutgoingPacket;
+use hvnet_wire::ring::PacketKind;
+use hvnet_wire::vmbus::Guid;
+
+// ---------------------------------------------------------------------------------------
+// Heap accounting per test thread (tests run on parallel threads).
+
+pub struct CountingAlloc;
+
+thread_local! {
+    static LIVE_BYTES: Cell<i64> = const { Cell::new(0) };
+    static LIVE_BLOCKS: Cell<i64> = const { Cell::new(0) };
+}
+
+// SAFETY: forwards to the system allocator; the counters are thread-local cells that
+// never allocate.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract, forwarded.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let _ = LIVE_BYTES.try_with(|c| c.set(c.get() + layout.size() as i64));
+            let _ = LIVE_BLOCKS.try_with(|c| c.set(c.get() + 1));
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let _ = LIVE_BYTES.try_with(|c| c.set(c.get() - layout.size() as i64));
+        let _ = LIVE_BLOCKS.try_with(|c| c.set(c.get() - 1));
+        // SAFETY: forwarded; `ptr` came from `alloc` with `layout`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+/// (live bytes, live blocks) allocated by this thread and not yet freed.
+pub fn heap_live() -> (i64, i64) {
+    (LIVE_BYTES.with(Cell::get), LIVE_BLOCKS.with(Cell::get))
+}
+
+// ---------------------------------------------------------------------------------------
+// Adapters.
+
+/// The guest's hypervisor, backed by the emulated host.
+pub struct EmuHypervisor {
+    pub host: Rc<RefCell<VmbusHost>>,
+    irq: &'static IrqSignal,
+}
+
+impl Hypervisor for EmuHypervisor {
+    fn post_message(&self, connection_id: u32, message_type: u32, payload: &[u8]) -> Result<(), HvStatus> {
+        self.host.borrow_mut().post_message(connection_id, message_type, payload).map_err(HvStatus)
+    }
+
+    fn signal_event(&self, connection_id: u32) -> Result<(), HvStatus> {
+        self.host.borrow_mut().signal_event(connection_id).map_err(HvStatus)
+    }
+
+    fn take_message(&self) -> Option<SynicMessage> {
+        let (message_type, bytes) = self.host.borrow_mut().take_message()?;
+        let mut payload = [0u8; 240];
+        let n = bytes.len().min(240);
+        payload[..n].copy_from_slice(&bytes[..n]);
+        Some(SynicMessage { message_type, payload_size: n as u8, payload })
+    }
+
+    fn drain_events(&self, f: &mut dyn FnMut(u32)) {
+        let mut relids = Vec::new();
+        self.host.borrow_mut().drain_events(&mut |r| relids.push(r));
+        relids.into_iter().for_each(f);
+    }
+
+    fn interrupt(&self) -> &'static IrqSignal {
+        self.irq
+    }
+
+    fn vp_index(&self) -> u32 {
+        0
+    }
+}
+
+/// Host-visible guest memory, backed by hvemu's model (scattered, non-identity PFNs).
+pub struct EmuAllocator {
+    pub memory: GuestMemory,
+}
+
+struct EmuBuffer {
+    memory: GuestMemory,
+    pfns: Vec<u64>,
+}
+
+impl EmuBuffer {
+    fn gpa(&self, offset: usize) -> Option<u64> {
+        let pfn = *self.pfns.get(offset / PAGE_SIZE)?;
+        Some(pfn * PAGE_SIZE as u64 + (offset % PAGE_SIZE) as u64)
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<(), MemoryError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len() => Ok(()),
+            _ => Err(MemoryError::OutOfBounds { offset, len }),
+        }
+    }
+
+    /// Splits `[offset, offset+len)` at page boundaries.
+    fn chunks(&self, offset: usize, len: usize) -> impl Iterator<Item = (u64, usize, usize)> + '_ {
+        let mut done = 0;
+        std::iter::from_fn(move || {
+            if done >= len {
+                return None;
+            }
+            let at = offset + done;
+            let n = (PAGE_SIZE - at % PAGE_SIZE).min(len - done);
+            let item = (self.gpa(at)?, done, n);
+            done += n;
+            Some(item)
+        })
+    }
+}
+
+impl SharedBuffer for EmuBuffer {
+    fn len(&self) -> usize {
+        self.pfns.len() * PAGE_SIZE
+    }
+
+    fn pfn(&self, index: usize) -> u64 {
+        self.pfns.get(index).copied().unwrap_or(0)
+    }
+
+    fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.check(offset, buf.len())?;
+        let len = buf.len();
+        for (gpa, at, n) in self.chunks(offset, len) {
+            self.memory.read(gpa, &mut buf[at..at + n]).map_err(|_| MemoryError::OutOfBounds { offset, len })?;
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: usize, data: &[u8]) -> Result<(), MemoryError> {
+        self.check(offset, data.len())?;
+        let len = data.len();
+        for (gpa, at, n) in self.chunks(offset, len) {
+            self.memory.write(gpa, &data[at..at + n]).map_err(|_| MemoryError::OutOfBounds { offset, len })?;
+        }
+        Ok(())
+    }
+
+    fn load_u32(&self, offset: usize) -> Result<u32, MemoryError> {
+        self.check(offset, 4)?;
+        let gpa = self.gpa(offset).ok_or(MemoryError::OutOfBounds { offset, len: 4 })?;
+        self.memory.load_u32(gpa).map_err(|_| MemoryError::OutOfBounds { offset, len: 4 })
+    }
+
+    fn store_u32(&self, offset: usize, value: u32) -> Result<(), MemoryError> {
+        self.check(offset, 4)?;
+        let gpa = self.gpa(offset).ok_or(MemoryError::OutOfBounds { offset, len: 4 })?;
+        self.memory.store_u32(gpa, value).map_err(|_| MemoryError::OutOfBounds { offset, len: 4 })
+    }
+}
+
+impl Drop for EmuBuffer {
+    fn drop(&mut self) {
+        self.memory.free_pages(&self.pfns);
+    }
+}
+
+impl DmaAllocator for EmuAllocator {
+    fn alloc(&self, pages: usize) -> Result<Box<dyn SharedBuffer>, MemoryError> {
+        let pfns = self.memory.alloc_pages(pages).ok_or(MemoryError::OutOfMemory)?;
+        Ok(Box::new(EmuBuffer { memory: self.memory.clone(), pfns }))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A test world: host + guest bus.
+
+/// The class GUID of the test device.
+pub const TEST_CLASS: Guid = Guid::from_fields(0x7e57_0001, 0xbeef, 0x4a1e, [0x80, 0, 0, 0, 0, 0, 0, 1]);
+
+pub fn class_bytes() -> [u8; 16] {
+    zerocopy::transmute!(TEST_CLASS)
+}
+
+pub fn instance_bytes(n: u32) -> [u8; 16] {
+    let g = Guid::from_fields(0x1000 + n, 0x1, 0x2, [0xa0, 0, 0, 0, 0, 0, 0, n as u8]);
+    zerocopy::transmute!(g)
+}
+
+pub struct World {
+    pub host: Rc<RefCell<VmbusHost>>,
+    pub memory: GuestMemory,
+    pub bus: VmBus,
+    pub rtnl: Rc<ConfigLock<Vec<String>>>,
+    pub up: Rc<Semaphore>,
+    pub removed: Rc<Semaphore>,
+    pub driver: Rc<TestDriver>,
+}
+
+pub fn world(handle: &hvnet_runtime::Handle, host_config: HostConfig, bus_config: VmBusConfig, seed: u64) -> World {
+    let memory = GuestMemory::new(1 << 14, seed);
+    let host = Rc::new(RefCell::new(VmbusHost::new(host_config, memory.clone())));
+    let irq: &'static IrqSignal = Box::leak(Box::new(IrqSignal::named("vmbus SINT")));
+    host.borrow_mut().set_notify(Box::new(move || irq.raise()));
+    let hv = Rc::new(EmuHypervisor { host: host.clone(), irq });
+    let mem = Rc::new(EmuAllocator { memory: memory.clone() });
+    let bus = VmBus::new(handle, hv, mem, bus_config);
+    let rtnl = Rc::new(ConfigLock::new("rtnl", Vec::new()));
+    let up = Rc::new(Semaphore::named("interfaces up", 0));
+    let removed = Rc::new(Semaphore::named("interfaces removed", 0));
+    let driver = Rc::new(TestDriver {
+        rtnl: rtnl.clone(),
+        up: up.clone(),
+        removed: removed.clone(),
+        want_subchannels: Cell::new(8),
+        probes_failed: Cell::new(0),
+        subchannel_open_failures: Cell::new(0),
+    });
+    bus.register_driver(driver.clone());
+    World { host, memory, bus, rtnl, up, removed, driver }
+}
+
+pub fn add_nic(w: &World, n: u32, max_subchannels: u16, faults: Faults) -> hvemu::DeviceId {
+    let mut spec = DeviceSpec::new(class_bytes(), instance_bytes(n), Box::new(SubchannelTestDevice::new(max_subchannels)));
+    spec.faults = faults;
+    w.host.borrow_mut().add_device(spec)
+}
+
+pub const RINGS: RingSizes = RingSizes { outgoing_pages: 2, incoming_pages: 2 };
+
+// ---------------------------------------------------------------------------------------
+// The test driver: locks like netvsc.
+
+/// Probe: takes the config lock, opens the primary, asks the host for K sub-channels and,
+/// still holding the lock, waits until all granted ones are open; then registers an
+/// "interface" in the config. Sub-channels are opened by the handler on the sub-channel
+/// worker, which never takes the lock.
+pub struct TestDriver {
+    pub rtnl: Rc<ConfigLock<Vec<String>>>,
+    pub up: Rc<Semaphore>,
+    pub removed: Rc<Semaphore>,
+    pub want_subchannels: Cell<u16>,
+    pub probes_failed: Cell<u32>,
+    pub subchannel_open_failures: Cell<u32>,
+}
+
+pub struct TestNic {
+    name: String,
+    primary: RefCell<Option<OpenedChannel>>,
+    subchannels: RefCell<Vec<OpenedChannel>>,
+    opened: Semaphore,
+    rtnl: Rc<ConfigLock<Vec<String>>>,
+    removed: Rc<Semaphore>,
+}
+
+impl TestNic {
+    pub fn subchannels_open(&self) -> usize {
+        self.subchannels.borrow().len()
+    }
+}
+
+/// Sends `payload` in-band with a completion requested and waits for the completion.
+pub async fn request(ch: &OpenedChannel, trans_id: u64, payload: &[&[u8]]) -> Result<Vec<u8>, ChannelError> {
+    let write = ch.ring().try_write(&OutgoingPacket::inband(trans_id, true, payload))?;
+    if write.signal {
+        ch.signal_host();
+    }
+    let mut buf = vec![0u8; 4096];
+    loop {
+        if let Some(p) = ch.ring().read_packet(&mut buf)? {
+            let is_reply = matches!(p.kind, PacketKind::Completion) && p.descriptor.trans_id.get() == trans_id;
+            let payload = p.payload.to_vec();
+            if ch.ring().read_done()? {
+                ch.signal_host();
+            }
+            if is_reply {
+                return Ok(payload);
+            }
+            continue;
+        }
+        if ch.ring().unmask_and_check()? {
+            continue;
+        }
+        ch.wait_signal().await?;
+    }
+}
+
+impl Driver for TestDriver {
+    fn name(&self) -> &'static str {
+        "test-nic"
+    }
+
+    fn class_id(&self) -> Guid {
+        TEST_CLASS
+    }
+
+    fn probe(&self, device: Device) -> BoxFuture<'static, Result<Rc<dyn DeviceInstance>, ChannelError>> {
+        let rtnl = self.rtnl.clone();
+        let up = self.up.clone();
+        let removed = self.removed.clone();
+        let want = self.want_subchannels.get();
+        let failures = Rc::new(Cell::new(0u32));
+        let driver_failures = failures.clone();
+        Box::pin(async move {
+            let mut config = rtnl.lock().await;
+            let name = format!("nic-relid{}", device.channel().relid());
+            let nic = Rc::new(TestNic {
+                name: name.clone(),
+                primary: RefCell::new(None),
+                subchannels: RefCell::new(Vec::new()),
+                opened: Semaphore::named("sub-channels opened", 0),
+                rtnl: rtnl.clone(),
+                removed,
+            });
+            let primary = device.open(RINGS).await?;
+            let handler_nic = Rc::downgrade(&nic);
+            device.set_subchannel_handler(Rc::new(move |sub: Device| {
+                let nic = handler_nic.clone();
+                let failures = driver_failures.clone();
+                Box::pin(async move {
+                    let result = sub.open(RINGS).await;
+                    let Some(nic) = nic.upgrade() else { return };
+                    match result {
+                        Ok(ch) => nic.subchannels.borrow_mut().push(ch),
+                        Err(_) => failures.set(failures.get() + 1),
+                    }
+                    nic.opened.release(1);
+                })
+            }));
+            *nic.primary.borrow_mut() = Some(primary.clone());
+            let reply = request(&primary, 1, &[hvemu::SUBCH_MAGIC, &want.to_le_bytes()]).await?;
+            let granted = reply.get(5..7).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+            // Trust no more than was asked for.
+            let granted = granted.min(want);
+            let wait = nic.opened.acquire(usize::from(granted));
+            device.channel().or_rescind(async { wait.await; Ok(()) }).await?;
+            config.push(name);
+            drop(config);
+            let _ = failures;
+            up.release(1);
+            Ok(nic as Rc<dyn DeviceInstance>)
+        })
+    }
+}
+
+impl DeviceInstance for TestNic {
+    fn remove(&self) -> BoxFuture<'static, ()> {
+        let rtnl = self.rtnl.clone();
+        let name = self.name.clone();
+        let primary = self.primary.borrow_mut().take();
+        let subs = std::mem::take(&mut *self.subchannels.borrow_mut());
+        let removed = self.removed.clone();
+        Box::pin(async move {
+            let mut config = rtnl.lock().await;
+            config.retain(|n| *n != name);
+            drop(config);
+            for s in subs {
+                let _ = s.close().await;
+            }
+            if let Some(p) = primary {
+                let _ = p.close().await;
+            }
+            removed.release(1);
+        })
+    }
+}
+
+pub fn host_config(seed: u64) -> HostConfig {
+    HostConfig { seed, ..HostConfig::default() }
+}
