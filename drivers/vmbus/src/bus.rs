@@ -871,16 +871,8 @@ impl Device {
                 })
             }
             Err(e) => {
-                // An open that failed or never got its answer: the host may have the
-                // OPENCHANNEL pending, so close before reclaiming the ring.
-                if ch.lifecycle.get() == Lifecycle::Opening && !ch.is_rescinded() {
-                    let _ = self
-                        .bus
-                        .post(&encode_body(&CloseChannel {
-                            child_relid: ch.relid.into(),
-                        }))
-                        .await;
-                }
+                // Refused, not posted, or rescinded: in each case the host holds no open
+                // channel, so there is nothing to close; only the ring goes back.
                 ch.lifecycle.set(Lifecycle::Closed);
                 ch.ring_gpadl.set(None);
                 let _ = self.bus.teardown_gpadl(ch, gpadl).await;

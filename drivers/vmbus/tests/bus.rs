@@ -3,7 +3,7 @@
 
 mod support;
 
-use hvemu::{ChannelSel, Faults, HostConfig};
+use hvemu::{ChannelSel, Faults};
 use hvnet_runtime::sim::{Config, SimError, Simulation};
 use hvnet_runtime::testing::check_seeds;
 use hvnet_vmbus::bus::VmBusConfig;
@@ -94,4 +94,218 @@ fn single_worker_configuration_deadlocks_and_the_watchdog_says_so() {
             Ok(()) => panic!("seed {seed}: single-worker configuration did not deadlock"),
         }
     }
+}
+
+/// Waits (in virtual time) until the guest holds no channel and both workers are idle.
+async fn until_all_released(w_bus: &hvnet_vmbus::bus::VmBus, handle: &hvnet_runtime::Handle) -> Result<(), String> {
+    for _ in 0..20_000 {
+        w_bus.settle().await;
+        if w_bus.live_relids().is_empty() {
+            return Ok(());
+        }
+        handle.sleep(std::time::Duration::from_millis(1)).await;
+    }
+    Err(format!("channels never released: {:?}", w_bus.live_relids()))
+}
+
+/// Lets the guest consume everything the host queued and both workers finish.
+async fn quiesce(
+    bus: &hvnet_vmbus::bus::VmBus,
+    host: &std::rc::Rc<std::cell::RefCell<hvemu::VmbusHost>>,
+    handle: &hvnet_runtime::Handle,
+) {
+    // No `settle` here: a probe may legitimately be stuck (an open the host never
+    // answers) until the rescind that the caller is about to inject.
+    let _ = bus;
+    for _ in 0..10_000 {
+        handle.sleep(std::time::Duration::from_millis(1)).await;
+        if host_scope(|| host.borrow().pending_messages() == 0 && !host.borrow().events_pending()) {
+            handle.sleep(std::time::Duration::from_millis(5)).await;
+            return;
+        }
+    }
+}
+
+/// Checks everything a removed device must give back.
+fn assert_device_fully_released(w: &World, pages_baseline: usize, what: &str) {
+    let host = w.host.borrow();
+    let stats = host.stats();
+    assert_eq!(stats.live_gpadls, 0, "{what}: host still has live GPADLs");
+    assert_eq!(stats.partial_gpadls, 0, "{what}: host still has half-built GPADLs");
+    assert!(host.channels().is_empty(), "{what}: host still has channels: {:?}", host.channels());
+    for c in host.released_channels() {
+        assert_eq!(c.relid_released, 1, "{what}: relid {} released {} times", c.relid, c.relid_released);
+    }
+    drop(host);
+    assert_eq!(w.bus.live_gpadls(), 0, "{what}: guest still tracks GPADLs");
+    assert_eq!(w.memory.live_pages(), pages_baseline, "{what}: guest pages leaked");
+    assert_clean_host(w);
+}
+
+/// Three bring-ups of a 2-queue NIC with `faults`, each followed (if anything is left) by
+/// a removal. Asserts no hang, no leaked page or GPADL, exactly one RELID_RELEASED per
+/// channel, and that the guest heap does not grow from the second cycle to the third
+/// (the first cycle settles allocator capacities; a leak grows every cycle).
+fn bring_up_and_remove(seed: u64, faults: Faults, what: &str) {
+    let sim = sim(seed);
+    let handle = sim.handle();
+    let w = world(&handle, host_config(seed), VmBusConfig::default(), seed);
+    w.driver.want_subchannels.set(2);
+    let (bus, host) = (w.bus.clone(), w.host.clone());
+    let result = sim.run({
+        let handle = handle.clone();
+        async move {
+            bus.connect().await.map_err(|e| format!("{e:?}"))?;
+            let pages_at_connect = hvemu_pages(&host);
+            let mut after = Vec::with_capacity(3);
+            for cycle in 0..3u32 {
+                let instance = instance_bytes(7 + cycle);
+                let dev = host_scope(|| add_nic_raw_with(&host, instance, faults));
+                quiesce(&bus, &host, &handle).await;
+                if host_scope(|| !host.borrow().device_channels(dev).is_empty()) {
+                    host_scope(|| host.borrow_mut().remove_device(dev));
+                }
+                until_all_released(&bus, &handle).await?;
+                bus.settle().await;
+                after.push((heap_live(), hvemu_pages(&host)));
+            }
+            Ok::<_, String>((pages_at_connect, after))
+        }
+    });
+    let (pages_at_connect, after) = match result {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => panic!("{what} (seed {seed}): {e}"),
+        Err(e) => panic!("{what}: {e}"),
+    };
+    assert_eq!(after[0].1, pages_at_connect, "{what} (seed {seed}): pages leaked by the first cycle");
+    assert_device_fully_released(&w, pages_at_connect, what);
+    // A leak grows with every cycle; memory freed late (from an earlier cycle) may make a
+    // later cycle end lower, which is fine.
+    for pair in after.windows(2).skip(1) {
+        let (before, now) = (pair[0].0, pair[1].0);
+        assert!(
+            now.0 <= before.0 && now.1 <= before.1,
+            "{what} (seed {seed}): guest heap grew between cycles: {before:?} -> {now:?} (bytes, blocks)"
+        );
+    }
+}
+
+fn hvemu_pages(host: &std::rc::Rc<std::cell::RefCell<hvemu::VmbusHost>>) -> usize {
+    host_scope(|| host.borrow().memory().live_pages())
+}
+
+fn add_nic_raw_with(
+    host: &std::rc::Rc<std::cell::RefCell<hvemu::VmbusHost>>,
+    instance: [u8; 16],
+    faults: Faults,
+) -> hvemu::DeviceId {
+    let mut spec = hvemu::DeviceSpec::new(class_bytes(), instance, Box::new(hvemu::SubchannelTestDevice::new(8)));
+    spec.faults = faults;
+    host.borrow_mut().add_device(spec)
+}
+
+/// 3. Rescind injected at every step of a device's bring-up (GPADL, OPENCHANNEL of the
+/// primary and of each sub-channel), before and after the host's reply, and during steady
+/// state: no hang, nothing leaked, RELID_RELEASED exactly once per channel.
+#[test]
+fn rescind_at_every_step_of_bring_up_leaks_nothing() {
+    // A 2-queue NIC takes 6 guest messages to come up (GPADL + OPEN for 3 channels);
+    // step 9 and beyond fall into steady state (the removal path itself).
+    for k in 1..=10 {
+        for seed in 0..8 {
+            bring_up_and_remove(seed, Faults::none().rescind_at_step(k), &format!("rescind after step {k}"));
+            bring_up_and_remove(seed, Faults::none().rescind_before_step(k), &format!("rescind before step {k}"));
+        }
+    }
+}
+
+/// An OPENCHANNEL the host never answers, then a rescind: the waiting open fails at once.
+#[test]
+fn rescind_wakes_an_open_that_never_gets_its_result() {
+    for seed in 0..16 {
+        bring_up_and_remove(seed, Faults::none().never_answer_open(), "primary open never answered");
+        bring_up_and_remove(
+            seed,
+            Faults::none().never_answer_open_on(ChannelSel::Subchannels),
+            "sub-channel open never answered",
+        );
+    }
+}
+
+/// Steady state: a NIC that is up is removed; its driver's remove runs under the config
+/// lock and everything comes back.
+#[test]
+fn steady_state_removal_leaks_nothing() {
+    for seed in 0..16 {
+        bring_up_and_remove(seed, Faults::none(), "steady-state removal");
+    }
+}
+
+/// 4a. A duplicate primary offer is dropped (and the ghost relid never opened).
+#[test]
+fn duplicate_primary_offer_is_dropped() {
+    for dup in [hvemu::DuplicateOffer::SameRelid, hvemu::DuplicateOffer::NewRelid] {
+        let sim = sim(1);
+        let w = world(&sim.handle(), host_config(1), VmBusConfig::default(), 1);
+        w.driver.want_subchannels.set(2);
+        let (bus, host, up) = (w.bus.clone(), w.host.clone(), w.up.clone());
+        sim.run(async move {
+            bus.connect().await.unwrap();
+            let faults = Faults { duplicate_primary_offer: Some(dup), ..Faults::none() };
+            add_nic_raw_with(&host, instance_bytes(1), faults);
+            up.acquire(1).await;
+            bus.settle().await;
+        })
+        .unwrap();
+        assert_eq!(w.bus.stats().duplicate_offers, 1, "{dup:?}");
+        assert_eq!(w.rtnl.try_lock().unwrap().len(), 1, "{dup:?}: one interface");
+        let host = w.host.borrow();
+        assert!(host.channels().iter().filter(|c| c.duplicate).all(|c| c.opens == 0), "{dup:?}: ghost opened");
+        drop(host);
+        assert_clean_host(&w);
+    }
+}
+
+/// 4b. A probe that fails (the host refuses OPENCHANNEL) frees what it set up and still
+/// marks probe done, so the later rescind completes and releases the relid.
+#[test]
+fn probe_failure_then_rescind_completes() {
+    for seed in 0..8 {
+        bring_up_and_remove(seed, Faults::none().fail_open(hvemu::STATUS_UNSUCCESSFUL), "probe failure");
+        bring_up_and_remove(seed, Faults::none().fail_gpadl(hvemu::STATUS_UNSUCCESSFUL), "GPADL failure");
+    }
+}
+
+/// 4c. A sub-channel offer that arrives after its primary was rescinded is not handed to
+/// any driver and is released when the host rescinds it.
+#[test]
+fn subchannel_offer_after_primary_rescind_is_released() {
+    let sim = sim(3);
+    let handle = sim.handle();
+    let w = world(&handle, host_config(3), VmBusConfig::default(), 3);
+    w.driver.want_subchannels.set(0);
+    let (bus, host) = (w.bus.clone(), w.host.clone());
+    let result = sim.run({
+        let handle = handle.clone();
+        async move {
+            bus.connect().await.unwrap();
+            let pages = hvemu_pages(&host);
+            let dev = add_nic_raw_with(&host, instance_bytes(9), Faults::none());
+            quiesce(&bus, &host, &handle).await;
+            // The host offers sub-channels nobody asked for and withdraws the device in the
+            // same breath: the sub-channel offers reach the guest after the primary's rescind.
+            let primary = host.borrow().device_channels(dev)[0].1;
+            host.borrow_mut().offer_subchannels(dev, 2);
+            host.borrow_mut().remove_device(dev);
+            until_all_released(&bus, &handle).await.unwrap();
+            let _ = primary;
+            pages
+        }
+    });
+    let pages = result.unwrap();
+    let stats = w.bus.stats();
+    assert_eq!(stats.offers, 3, "{stats:?}");
+    assert_eq!(stats.rescinds, 3, "{stats:?}");
+    assert_eq!(stats.relids_released, 3, "{stats:?}");
+    assert_device_fully_released(&w, pages, "sub-channel after primary rescind");
 }

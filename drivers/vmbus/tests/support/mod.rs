@@ -32,6 +32,21 @@ pub struct CountingAlloc;
 thread_local! {
     static LIVE_BYTES: Cell<i64> = const { Cell::new(0) };
     static LIVE_BLOCKS: Cell<i64> = const { Cell::new(0) };
+    static IN_HOST: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` as host code: its allocations are not counted as the guest's. Every call into
+/// the emulator goes through here, and whatever it returns is dropped or copied inside,
+/// so guest accounting sees only guest allocations.
+pub fn host_scope<R>(f: impl FnOnce() -> R) -> R {
+    let was = IN_HOST.with(|h| h.replace(true));
+    let r = f();
+    IN_HOST.with(|h| h.set(was));
+    r
+}
+
+fn counting() -> bool {
+    IN_HOST.try_with(|h| !h.get()).unwrap_or(false)
 }
 
 // SAFETY: forwards to the system allocator; the counters are thread-local cells that
@@ -40,7 +55,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: same contract, forwarded.
         let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
+        if !p.is_null() && counting() {
             let _ = LIVE_BYTES.try_with(|c| c.set(c.get() + layout.size() as i64));
             let _ = LIVE_BLOCKS.try_with(|c| c.set(c.get() + 1));
         }
@@ -48,8 +63,10 @@ unsafe impl GlobalAlloc for CountingAlloc {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        let _ = LIVE_BYTES.try_with(|c| c.set(c.get() - layout.size() as i64));
-        let _ = LIVE_BLOCKS.try_with(|c| c.set(c.get() - 1));
+        if counting() {
+            let _ = LIVE_BYTES.try_with(|c| c.set(c.get() - layout.size() as i64));
+            let _ = LIVE_BLOCKS.try_with(|c| c.set(c.get() - 1));
+        }
         // SAFETY: forwarded; `ptr` came from `alloc` with `layout`.
         unsafe { System.dealloc(ptr, layout) }
     }
@@ -71,24 +88,28 @@ pub struct EmuHypervisor {
 
 impl Hypervisor for EmuHypervisor {
     fn post_message(&self, connection_id: u32, message_type: u32, payload: &[u8]) -> Result<(), HvStatus> {
-        self.host.borrow_mut().post_message(connection_id, message_type, payload).map_err(HvStatus)
+        host_scope(|| self.host.borrow_mut().post_message(connection_id, message_type, payload)).map_err(HvStatus)
     }
 
     fn signal_event(&self, connection_id: u32) -> Result<(), HvStatus> {
-        self.host.borrow_mut().signal_event(connection_id).map_err(HvStatus)
+        host_scope(|| self.host.borrow_mut().signal_event(connection_id)).map_err(HvStatus)
     }
 
     fn take_message(&self) -> Option<SynicMessage> {
-        let (message_type, bytes) = self.host.borrow_mut().take_message()?;
-        let mut payload = [0u8; 240];
-        let n = bytes.len().min(240);
-        payload[..n].copy_from_slice(&bytes[..n]);
-        Some(SynicMessage { message_type, payload_size: n as u8, payload })
+        host_scope(|| {
+            let (message_type, bytes) = self.host.borrow_mut().take_message()?;
+            let mut payload = [0u8; 240];
+            let n = bytes.len().min(240);
+            payload[..n].copy_from_slice(&bytes[..n]);
+            Some(SynicMessage { message_type, payload_size: n as u8, payload })
+        })
     }
 
     fn drain_events(&self, f: &mut dyn FnMut(u32)) {
-        let mut relids = Vec::new();
-        self.host.borrow_mut().drain_events(&mut |r| relids.push(r));
+        // Event flags are 2048 bits: reserving that many up front keeps the vector a guest
+        // allocation even though the host fills it.
+        let mut relids = Vec::with_capacity(2048);
+        host_scope(|| self.host.borrow_mut().drain_events(&mut |r| relids.push(r)));
         relids.into_iter().for_each(f);
     }
 
@@ -153,7 +174,7 @@ impl SharedBuffer for EmuBuffer {
         self.check(offset, buf.len())?;
         let len = buf.len();
         for (gpa, at, n) in self.chunks(offset, len) {
-            self.memory.read(gpa, &mut buf[at..at + n]).map_err(|_| MemoryError::OutOfBounds { offset, len })?;
+            host_scope(|| self.memory.read(gpa, &mut buf[at..at + n])).map_err(|_| MemoryError::OutOfBounds { offset, len })?;
         }
         Ok(())
     }
@@ -162,7 +183,7 @@ impl SharedBuffer for EmuBuffer {
         self.check(offset, data.len())?;
         let len = data.len();
         for (gpa, at, n) in self.chunks(offset, len) {
-            self.memory.write(gpa, &data[at..at + n]).map_err(|_| MemoryError::OutOfBounds { offset, len })?;
+            host_scope(|| self.memory.write(gpa, &data[at..at + n])).map_err(|_| MemoryError::OutOfBounds { offset, len })?;
         }
         Ok(())
     }
@@ -170,25 +191,27 @@ impl SharedBuffer for EmuBuffer {
     fn load_u32(&self, offset: usize) -> Result<u32, MemoryError> {
         self.check(offset, 4)?;
         let gpa = self.gpa(offset).ok_or(MemoryError::OutOfBounds { offset, len: 4 })?;
-        self.memory.load_u32(gpa).map_err(|_| MemoryError::OutOfBounds { offset, len: 4 })
+        host_scope(|| self.memory.load_u32(gpa)).map_err(|_| MemoryError::OutOfBounds { offset, len: 4 })
     }
 
     fn store_u32(&self, offset: usize, value: u32) -> Result<(), MemoryError> {
         self.check(offset, 4)?;
         let gpa = self.gpa(offset).ok_or(MemoryError::OutOfBounds { offset, len: 4 })?;
-        self.memory.store_u32(gpa, value).map_err(|_| MemoryError::OutOfBounds { offset, len: 4 })
+        host_scope(|| self.memory.store_u32(gpa, value)).map_err(|_| MemoryError::OutOfBounds { offset, len: 4 })
     }
 }
 
 impl Drop for EmuBuffer {
     fn drop(&mut self) {
-        self.memory.free_pages(&self.pfns);
+        host_scope(|| self.memory.free_pages(&self.pfns));
     }
 }
 
 impl DmaAllocator for EmuAllocator {
     fn alloc(&self, pages: usize) -> Result<Box<dyn SharedBuffer>, MemoryError> {
-        let pfns = self.memory.alloc_pages(pages).ok_or(MemoryError::OutOfMemory)?;
+        let host_pfns = host_scope(|| self.memory.alloc_pages(pages)).ok_or(MemoryError::OutOfMemory)?;
+        let pfns = host_pfns.clone();
+        host_scope(|| drop(host_pfns));
         Ok(Box::new(EmuBuffer { memory: self.memory.clone(), pfns }))
     }
 }
