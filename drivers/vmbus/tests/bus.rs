@@ -16,7 +16,13 @@ const NICS: u32 = 4;
 const SUBCHANNELS: u16 = 8;
 
 fn sim(seed: u64) -> Simulation {
-    Simulation::with_config(seed, Config { max_virtual_time: std::time::Duration::from_secs(600), ..Config::default() })
+    Simulation::with_config(
+        seed,
+        Config {
+            max_virtual_time: std::time::Duration::from_secs(600),
+            ..Config::default()
+        },
+    )
 }
 
 /// Asserts the host saw no protocol violation and returns a short summary.
@@ -33,7 +39,12 @@ fn assert_clean_host(w: &World) {
 fn four_multiqueue_nics_hot_added_at_once_all_come_up() {
     check_seeds(1000, |seed| {
         let sim = sim(seed);
-        let w = world(&sim.handle(), host_config(seed), VmBusConfig::default(), seed);
+        let w = world(
+            &sim.handle(),
+            host_config(seed),
+            VmBusConfig::default(),
+            seed,
+        );
         let (bus, up, rtnl) = (w.bus.clone(), w.up.clone(), w.rtnl.clone());
         let host = w.host.clone();
         sim.run(async move {
@@ -52,15 +63,27 @@ fn four_multiqueue_nics_hot_added_at_once_all_come_up() {
         .map_err(|e| e.to_string())??;
         let host = w.host.borrow();
         let open = host.channels().iter().filter(|c| c.opens == 1).count();
-        assert_eq!(open, (NICS as usize) * (1 + SUBCHANNELS as usize), "every channel opened exactly once");
+        assert_eq!(
+            open,
+            (NICS as usize) * (1 + SUBCHANNELS as usize),
+            "every channel opened exactly once"
+        );
         drop(host);
         assert_clean_host(&w);
         Ok::<_, String>(())
     });
 }
 
-fn add_nic_raw(host: &std::rc::Rc<std::cell::RefCell<hvemu::VmbusHost>>, n: u32, max: u16) -> hvemu::DeviceId {
-    let spec = hvemu::DeviceSpec::new(class_bytes(), instance_bytes(n), Box::new(hvemu::SubchannelTestDevice::new(max)));
+fn add_nic_raw(
+    host: &std::rc::Rc<std::cell::RefCell<hvemu::VmbusHost>>,
+    n: u32,
+    max: u16,
+) -> hvemu::DeviceId {
+    let spec = hvemu::DeviceSpec::new(
+        class_bytes(),
+        instance_bytes(n),
+        Box::new(hvemu::SubchannelTestDevice::new(max)),
+    );
     host.borrow_mut().add_device(spec)
 }
 
@@ -70,7 +93,10 @@ fn add_nic_raw(host: &std::rc::Rc<std::cell::RefCell<hvemu::VmbusHost>>, n: u32,
 fn single_worker_configuration_deadlocks_and_the_watchdog_says_so() {
     for seed in 0..20 {
         let sim = sim(seed);
-        let config = VmBusConfig { single_worker: true, ..VmBusConfig::default() };
+        let config = VmBusConfig {
+            single_worker: true,
+            ..VmBusConfig::default()
+        };
         let w = world(&sim.handle(), host_config(seed), config, seed);
         let (bus, up, host) = (w.bus.clone(), w.up.clone(), w.host.clone());
         let result = sim.run(async move {
@@ -83,9 +109,18 @@ fn single_worker_configuration_deadlocks_and_the_watchdog_says_so() {
         match result {
             Err(SimError::Deadlock { report, .. }) => {
                 let text = report.to_string();
-                assert!(text.contains("rtnl"), "seed {seed}: report does not name the config lock:\n{text}");
-                assert!(text.contains("probe relid"), "seed {seed}: report does not name the probe:\n{text}");
-                assert!(text.contains("sub-channels opened"), "seed {seed}: report lacks the probe's wait:\n{text}");
+                assert!(
+                    text.contains("rtnl"),
+                    "seed {seed}: report does not name the config lock:\n{text}"
+                );
+                assert!(
+                    text.contains("probe relid"),
+                    "seed {seed}: report does not name the probe:\n{text}"
+                );
+                assert!(
+                    text.contains("sub-channels opened"),
+                    "seed {seed}: report lacks the probe's wait:\n{text}"
+                );
                 if seed == 0 {
                     println!("negative control, seed 0:\n{text}");
                 }
@@ -97,7 +132,10 @@ fn single_worker_configuration_deadlocks_and_the_watchdog_says_so() {
 }
 
 /// Waits (in virtual time) until the guest holds no channel and both workers are idle.
-async fn until_all_released(w_bus: &hvnet_vmbus::bus::VmBus, handle: &hvnet_runtime::Handle) -> Result<(), String> {
+async fn until_all_released(
+    w_bus: &hvnet_vmbus::bus::VmBus,
+    handle: &hvnet_runtime::Handle,
+) -> Result<(), String> {
     for _ in 0..20_000 {
         w_bus.settle().await;
         if w_bus.live_relids().is_empty() {
@@ -105,7 +143,10 @@ async fn until_all_released(w_bus: &hvnet_vmbus::bus::VmBus, handle: &hvnet_runt
         }
         handle.sleep(std::time::Duration::from_millis(1)).await;
     }
-    Err(format!("channels never released: {:?}", w_bus.live_relids()))
+    Err(format!(
+        "channels never released: {:?}",
+        w_bus.live_relids()
+    ))
 }
 
 /// Lets the guest consume everything the host queued and both workers finish.
@@ -131,21 +172,37 @@ fn assert_device_fully_released(w: &World, pages_baseline: usize, what: &str) {
     let host = w.host.borrow();
     let stats = host.stats();
     assert_eq!(stats.live_gpadls, 0, "{what}: host still has live GPADLs");
-    assert_eq!(stats.partial_gpadls, 0, "{what}: host still has half-built GPADLs");
-    assert!(host.channels().is_empty(), "{what}: host still has channels: {:?}", host.channels());
+    assert_eq!(
+        stats.partial_gpadls, 0,
+        "{what}: host still has half-built GPADLs"
+    );
+    assert!(
+        host.channels().is_empty(),
+        "{what}: host still has channels: {:?}",
+        host.channels()
+    );
     for c in host.released_channels() {
-        assert_eq!(c.relid_released, 1, "{what}: relid {} released {} times", c.relid, c.relid_released);
+        assert_eq!(
+            c.relid_released, 1,
+            "{what}: relid {} released {} times",
+            c.relid, c.relid_released
+        );
     }
     drop(host);
     assert_eq!(w.bus.live_gpadls(), 0, "{what}: guest still tracks GPADLs");
-    assert_eq!(w.memory.live_pages(), pages_baseline, "{what}: guest pages leaked");
+    assert_eq!(
+        w.memory.live_pages(),
+        pages_baseline,
+        "{what}: guest pages leaked"
+    );
     assert_clean_host(w);
 }
 
-/// Three bring-ups of a 2-queue NIC with `faults`, each followed (if anything is left) by
-/// a removal. Asserts no hang, no leaked page or GPADL, exactly one RELID_RELEASED per
-/// channel, and that the guest heap does not grow from the second cycle to the third
-/// (the first cycle settles allocator capacities; a leak grows every cycle).
+/// Eight bring-ups of a 2-queue NIC with `faults`, each followed (if anything is left) by
+/// a removal. Asserts no hang, no leaked page or GPADL, no task left behind, exactly one
+/// RELID_RELEASED per channel, and a guest heap that stops growing.
+const CYCLES: u32 = 8;
+
 fn bring_up_and_remove(seed: u64, faults: Faults, what: &str) {
     let sim = sim(seed);
     let handle = sim.handle();
@@ -157,8 +214,9 @@ fn bring_up_and_remove(seed: u64, faults: Faults, what: &str) {
         async move {
             bus.connect().await.map_err(|e| format!("{e:?}"))?;
             let pages_at_connect = hvemu_pages(&host);
-            let mut after = Vec::with_capacity(3);
-            for cycle in 0..3u32 {
+            let tasks_at_connect = handle.task_count();
+            let mut after = Vec::with_capacity(CYCLES as usize);
+            for cycle in 0..CYCLES {
                 let instance = instance_bytes(7 + cycle);
                 let dev = host_scope(|| add_nic_raw_with(&host, instance, faults));
                 quiesce(&bus, &host, &handle).await;
@@ -167,6 +225,20 @@ fn bring_up_and_remove(seed: u64, faults: Faults, what: &str) {
                 }
                 until_all_released(&bus, &handle).await?;
                 bus.settle().await;
+                // Rescind tasks drop the channel from the table before they finish.
+                for _ in 0..1000 {
+                    if handle.task_count() <= tasks_at_connect {
+                        break;
+                    }
+                    handle.sleep(std::time::Duration::from_millis(1)).await;
+                }
+                if handle.task_count() > tasks_at_connect {
+                    return Err(format!(
+                        "{} tasks never finished: {}",
+                        handle.task_count() - tasks_at_connect,
+                        handle.report()
+                    ));
+                }
                 after.push((heap_live(), hvemu_pages(&host)));
             }
             Ok::<_, String>((pages_at_connect, after))
@@ -177,17 +249,22 @@ fn bring_up_and_remove(seed: u64, faults: Faults, what: &str) {
         Ok(Err(e)) => panic!("{what} (seed {seed}): {e}"),
         Err(e) => panic!("{what}: {e}"),
     };
-    assert_eq!(after[0].1, pages_at_connect, "{what} (seed {seed}): pages leaked by the first cycle");
+    assert_eq!(
+        after[0].1, pages_at_connect,
+        "{what} (seed {seed}): pages leaked by the first cycle"
+    );
     assert_device_fully_released(&w, pages_at_connect, what);
     // A leak grows with every cycle; memory freed late (from an earlier cycle) may make a
     // later cycle end lower, which is fine.
-    for pair in after.windows(2).skip(1) {
-        let (before, now) = (pair[0].0, pair[1].0);
-        assert!(
-            now.0 <= before.0 && now.1 <= before.1,
-            "{what} (seed {seed}): guest heap grew between cycles: {before:?} -> {now:?} (bytes, blocks)"
-        );
-    }
+    // The heap oscillates by a map node or two between cycles (seen: 2 blocks, 544
+    // bytes), but a leak of even one block per cycle adds six over cycles 1..7; cycle 0
+    // settles allocator capacities and is not counted.
+    let (first, last) = (after[1].0, after[CYCLES as usize - 1].0);
+    assert!(
+        last.1 - first.1 < 4 && last.0 - first.0 < 1024,
+        "{what} (seed {seed}): guest heap keeps growing: {first:?} after cycle 1, {last:?} after cycle {} (bytes, blocks)",
+        CYCLES - 1
+    );
 }
 
 fn hvemu_pages(host: &std::rc::Rc<std::cell::RefCell<hvemu::VmbusHost>>) -> usize {
@@ -199,7 +276,11 @@ fn add_nic_raw_with(
     instance: [u8; 16],
     faults: Faults,
 ) -> hvemu::DeviceId {
-    let mut spec = hvemu::DeviceSpec::new(class_bytes(), instance, Box::new(hvemu::SubchannelTestDevice::new(8)));
+    let mut spec = hvemu::DeviceSpec::new(
+        class_bytes(),
+        instance,
+        Box::new(hvemu::SubchannelTestDevice::new(8)),
+    );
     spec.faults = faults;
     host.borrow_mut().add_device(spec)
 }
@@ -213,8 +294,16 @@ fn rescind_at_every_step_of_bring_up_leaks_nothing() {
     // step 9 and beyond fall into steady state (the removal path itself).
     for k in 1..=10 {
         for seed in 0..8 {
-            bring_up_and_remove(seed, Faults::none().rescind_at_step(k), &format!("rescind after step {k}"));
-            bring_up_and_remove(seed, Faults::none().rescind_before_step(k), &format!("rescind before step {k}"));
+            bring_up_and_remove(
+                seed,
+                Faults::none().rescind_at_step(k),
+                &format!("rescind after step {k}"),
+            );
+            bring_up_and_remove(
+                seed,
+                Faults::none().rescind_before_step(k),
+                &format!("rescind before step {k}"),
+            );
         }
     }
 }
@@ -223,7 +312,11 @@ fn rescind_at_every_step_of_bring_up_leaks_nothing() {
 #[test]
 fn rescind_wakes_an_open_that_never_gets_its_result() {
     for seed in 0..16 {
-        bring_up_and_remove(seed, Faults::none().never_answer_open(), "primary open never answered");
+        bring_up_and_remove(
+            seed,
+            Faults::none().never_answer_open(),
+            "primary open never answered",
+        );
         bring_up_and_remove(
             seed,
             Faults::none().never_answer_open_on(ChannelSel::Subchannels),
@@ -244,23 +337,39 @@ fn steady_state_removal_leaks_nothing() {
 /// 4a. A duplicate primary offer is dropped (and the ghost relid never opened).
 #[test]
 fn duplicate_primary_offer_is_dropped() {
-    for dup in [hvemu::DuplicateOffer::SameRelid, hvemu::DuplicateOffer::NewRelid] {
+    for dup in [
+        hvemu::DuplicateOffer::SameRelid,
+        hvemu::DuplicateOffer::NewRelid,
+    ] {
         let sim = sim(1);
         let w = world(&sim.handle(), host_config(1), VmBusConfig::default(), 1);
         w.driver.want_subchannels.set(2);
         let (bus, host, up) = (w.bus.clone(), w.host.clone(), w.up.clone());
         sim.run(async move {
             bus.connect().await.unwrap();
-            let faults = Faults { duplicate_primary_offer: Some(dup), ..Faults::none() };
+            let faults = Faults {
+                duplicate_primary_offer: Some(dup),
+                ..Faults::none()
+            };
             add_nic_raw_with(&host, instance_bytes(1), faults);
             up.acquire(1).await;
             bus.settle().await;
         })
         .unwrap();
         assert_eq!(w.bus.stats().duplicate_offers, 1, "{dup:?}");
-        assert_eq!(w.rtnl.try_lock().unwrap().len(), 1, "{dup:?}: one interface");
+        assert_eq!(
+            w.rtnl.try_lock().unwrap().len(),
+            1,
+            "{dup:?}: one interface"
+        );
         let host = w.host.borrow();
-        assert!(host.channels().iter().filter(|c| c.duplicate).all(|c| c.opens == 0), "{dup:?}: ghost opened");
+        assert!(
+            host.channels()
+                .iter()
+                .filter(|c| c.duplicate)
+                .all(|c| c.opens == 0),
+            "{dup:?}: ghost opened"
+        );
         drop(host);
         assert_clean_host(&w);
     }
@@ -271,8 +380,16 @@ fn duplicate_primary_offer_is_dropped() {
 #[test]
 fn probe_failure_then_rescind_completes() {
     for seed in 0..8 {
-        bring_up_and_remove(seed, Faults::none().fail_open(hvemu::STATUS_UNSUCCESSFUL), "probe failure");
-        bring_up_and_remove(seed, Faults::none().fail_gpadl(hvemu::STATUS_UNSUCCESSFUL), "GPADL failure");
+        bring_up_and_remove(
+            seed,
+            Faults::none().fail_open(hvemu::STATUS_UNSUCCESSFUL),
+            "probe failure",
+        );
+        bring_up_and_remove(
+            seed,
+            Faults::none().fail_gpadl(hvemu::STATUS_UNSUCCESSFUL),
+            "GPADL failure",
+        );
     }
 }
 

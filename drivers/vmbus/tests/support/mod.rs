@@ -87,8 +87,18 @@ pub struct EmuHypervisor {
 }
 
 impl Hypervisor for EmuHypervisor {
-    fn post_message(&self, connection_id: u32, message_type: u32, payload: &[u8]) -> Result<(), HvStatus> {
-        host_scope(|| self.host.borrow_mut().post_message(connection_id, message_type, payload)).map_err(HvStatus)
+    fn post_message(
+        &self,
+        connection_id: u32,
+        message_type: u32,
+        payload: &[u8],
+    ) -> Result<(), HvStatus> {
+        host_scope(|| {
+            self.host
+                .borrow_mut()
+                .post_message(connection_id, message_type, payload)
+        })
+        .map_err(HvStatus)
     }
 
     fn signal_event(&self, connection_id: u32) -> Result<(), HvStatus> {
@@ -101,7 +111,11 @@ impl Hypervisor for EmuHypervisor {
             let mut payload = [0u8; 240];
             let n = bytes.len().min(240);
             payload[..n].copy_from_slice(&bytes[..n]);
-            Some(SynicMessage { message_type, payload_size: n as u8, payload })
+            Some(SynicMessage {
+                message_type,
+                payload_size: n as u8,
+                payload,
+            })
         })
     }
 
@@ -174,7 +188,8 @@ impl SharedBuffer for EmuBuffer {
         self.check(offset, buf.len())?;
         let len = buf.len();
         for (gpa, at, n) in self.chunks(offset, len) {
-            host_scope(|| self.memory.read(gpa, &mut buf[at..at + n])).map_err(|_| MemoryError::OutOfBounds { offset, len })?;
+            host_scope(|| self.memory.read(gpa, &mut buf[at..at + n]))
+                .map_err(|_| MemoryError::OutOfBounds { offset, len })?;
         }
         Ok(())
     }
@@ -183,21 +198,28 @@ impl SharedBuffer for EmuBuffer {
         self.check(offset, data.len())?;
         let len = data.len();
         for (gpa, at, n) in self.chunks(offset, len) {
-            host_scope(|| self.memory.write(gpa, &data[at..at + n])).map_err(|_| MemoryError::OutOfBounds { offset, len })?;
+            host_scope(|| self.memory.write(gpa, &data[at..at + n]))
+                .map_err(|_| MemoryError::OutOfBounds { offset, len })?;
         }
         Ok(())
     }
 
     fn load_u32(&self, offset: usize) -> Result<u32, MemoryError> {
         self.check(offset, 4)?;
-        let gpa = self.gpa(offset).ok_or(MemoryError::OutOfBounds { offset, len: 4 })?;
-        host_scope(|| self.memory.load_u32(gpa)).map_err(|_| MemoryError::OutOfBounds { offset, len: 4 })
+        let gpa = self
+            .gpa(offset)
+            .ok_or(MemoryError::OutOfBounds { offset, len: 4 })?;
+        host_scope(|| self.memory.load_u32(gpa))
+            .map_err(|_| MemoryError::OutOfBounds { offset, len: 4 })
     }
 
     fn store_u32(&self, offset: usize, value: u32) -> Result<(), MemoryError> {
         self.check(offset, 4)?;
-        let gpa = self.gpa(offset).ok_or(MemoryError::OutOfBounds { offset, len: 4 })?;
-        host_scope(|| self.memory.store_u32(gpa, value)).map_err(|_| MemoryError::OutOfBounds { offset, len: 4 })
+        let gpa = self
+            .gpa(offset)
+            .ok_or(MemoryError::OutOfBounds { offset, len: 4 })?;
+        host_scope(|| self.memory.store_u32(gpa, value))
+            .map_err(|_| MemoryError::OutOfBounds { offset, len: 4 })
     }
 }
 
@@ -209,10 +231,14 @@ impl Drop for EmuBuffer {
 
 impl DmaAllocator for EmuAllocator {
     fn alloc(&self, pages: usize) -> Result<Box<dyn SharedBuffer>, MemoryError> {
-        let host_pfns = host_scope(|| self.memory.alloc_pages(pages)).ok_or(MemoryError::OutOfMemory)?;
+        let host_pfns =
+            host_scope(|| self.memory.alloc_pages(pages)).ok_or(MemoryError::OutOfMemory)?;
         let pfns = host_pfns.clone();
         host_scope(|| drop(host_pfns));
-        Ok(Box::new(EmuBuffer { memory: self.memory.clone(), pfns }))
+        Ok(Box::new(EmuBuffer {
+            memory: self.memory.clone(),
+            pfns,
+        }))
     }
 }
 
@@ -220,7 +246,8 @@ impl DmaAllocator for EmuAllocator {
 // A test world: host + guest bus.
 
 /// The class GUID of the test device.
-pub const TEST_CLASS: Guid = Guid::from_fields(0x7e57_0001, 0xbeef, 0x4a1e, [0x80, 0, 0, 0, 0, 0, 0, 1]);
+pub const TEST_CLASS: Guid =
+    Guid::from_fields(0x7e57_0001, 0xbeef, 0x4a1e, [0x80, 0, 0, 0, 0, 0, 0, 1]);
 
 pub fn class_bytes() -> [u8; 16] {
     zerocopy::transmute!(TEST_CLASS)
@@ -241,13 +268,23 @@ pub struct World {
     pub driver: Rc<TestDriver>,
 }
 
-pub fn world(handle: &hvnet_runtime::Handle, host_config: HostConfig, bus_config: VmBusConfig, seed: u64) -> World {
+pub fn world(
+    handle: &hvnet_runtime::Handle,
+    host_config: HostConfig,
+    bus_config: VmBusConfig,
+    seed: u64,
+) -> World {
     let memory = GuestMemory::new(1 << 14, seed);
     let host = Rc::new(RefCell::new(VmbusHost::new(host_config, memory.clone())));
     let irq: &'static IrqSignal = Box::leak(Box::new(IrqSignal::named("vmbus SINT")));
     host.borrow_mut().set_notify(Box::new(move || irq.raise()));
-    let hv = Rc::new(EmuHypervisor { host: host.clone(), irq });
-    let mem = Rc::new(EmuAllocator { memory: memory.clone() });
+    let hv = Rc::new(EmuHypervisor {
+        host: host.clone(),
+        irq,
+    });
+    let mem = Rc::new(EmuAllocator {
+        memory: memory.clone(),
+    });
     let bus = VmBus::new(handle, hv, mem, bus_config);
     let rtnl = Rc::new(ConfigLock::new("rtnl", Vec::new()));
     let up = Rc::new(Semaphore::named("interfaces up", 0));
@@ -261,16 +298,31 @@ pub fn world(handle: &hvnet_runtime::Handle, host_config: HostConfig, bus_config
         subchannel_open_failures: Cell::new(0),
     });
     bus.register_driver(driver.clone());
-    World { host, memory, bus, rtnl, up, removed, driver }
+    World {
+        host,
+        memory,
+        bus,
+        rtnl,
+        up,
+        removed,
+        driver,
+    }
 }
 
 pub fn add_nic(w: &World, n: u32, max_subchannels: u16, faults: Faults) -> hvemu::DeviceId {
-    let mut spec = DeviceSpec::new(class_bytes(), instance_bytes(n), Box::new(SubchannelTestDevice::new(max_subchannels)));
+    let mut spec = DeviceSpec::new(
+        class_bytes(),
+        instance_bytes(n),
+        Box::new(SubchannelTestDevice::new(max_subchannels)),
+    );
     spec.faults = faults;
     w.host.borrow_mut().add_device(spec)
 }
 
-pub const RINGS: RingSizes = RingSizes { outgoing_pages: 2, incoming_pages: 2 };
+pub const RINGS: RingSizes = RingSizes {
+    outgoing_pages: 2,
+    incoming_pages: 2,
+};
 
 // ---------------------------------------------------------------------------------------
 // The test driver: locks like netvsc.
@@ -304,15 +356,22 @@ impl TestNic {
 }
 
 /// Sends `payload` in-band with a completion requested and waits for the completion.
-pub async fn request(ch: &OpenedChannel, trans_id: u64, payload: &[&[u8]]) -> Result<Vec<u8>, ChannelError> {
-    let write = ch.ring().try_write(&OutgoingPacket::inband(trans_id, true, payload))?;
+pub async fn request(
+    ch: &OpenedChannel,
+    trans_id: u64,
+    payload: &[&[u8]],
+) -> Result<Vec<u8>, ChannelError> {
+    let write = ch
+        .ring()
+        .try_write(&OutgoingPacket::inband(trans_id, true, payload))?;
     if write.signal {
         ch.signal_host();
     }
     let mut buf = vec![0u8; 4096];
     loop {
         if let Some(p) = ch.ring().read_packet(&mut buf)? {
-            let is_reply = matches!(p.kind, PacketKind::Completion) && p.descriptor.trans_id.get() == trans_id;
+            let is_reply =
+                matches!(p.kind, PacketKind::Completion) && p.descriptor.trans_id.get() == trans_id;
             let payload = p.payload.to_vec();
             if ch.ring().read_done()? {
                 ch.signal_host();
@@ -338,7 +397,10 @@ impl Driver for TestDriver {
         TEST_CLASS
     }
 
-    fn probe(&self, device: Device) -> BoxFuture<'static, Result<Rc<dyn DeviceInstance>, ChannelError>> {
+    fn probe(
+        &self,
+        device: Device,
+    ) -> BoxFuture<'static, Result<Rc<dyn DeviceInstance>, ChannelError>> {
         let rtnl = self.rtnl.clone();
         let up = self.up.clone();
         let removed = self.removed.clone();
@@ -373,11 +435,19 @@ impl Driver for TestDriver {
             }));
             *nic.primary.borrow_mut() = Some(primary.clone());
             let reply = request(&primary, 1, &[hvemu::SUBCH_MAGIC, &want.to_le_bytes()]).await?;
-            let granted = reply.get(5..7).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+            let granted = reply
+                .get(5..7)
+                .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
             // Trust no more than was asked for.
             let granted = granted.min(want);
             let wait = nic.opened.acquire(usize::from(granted));
-            device.channel().or_rescind(async { wait.await; Ok(()) }).await?;
+            device
+                .channel()
+                .or_rescind(async {
+                    wait.await;
+                    Ok(())
+                })
+                .await?;
             config.push(name);
             drop(config);
             let _ = failures;
@@ -410,5 +480,8 @@ impl DeviceInstance for TestNic {
 }
 
 pub fn host_config(seed: u64) -> HostConfig {
-    HostConfig { seed, ..HostConfig::default() }
+    HostConfig {
+        seed,
+        ..HostConfig::default()
+    }
 }
