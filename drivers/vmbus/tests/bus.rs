@@ -34,7 +34,7 @@ fn assert_clean_host(w: &World) {
     assert!(mv.is_empty(), "guest-memory violations: {mv:#?}");
 }
 
-/// 1. Four NICs with eight sub-channels each hot-added at the same instant all come up.
+/// Scenario 1: Four NICs with eight sub-channels each hot-added at the same instant all come up.
 #[test]
 fn four_multiqueue_nics_hot_added_at_once_all_come_up() {
     check_seeds(1000, |seed| {
@@ -87,7 +87,7 @@ fn add_nic_raw(
     host.borrow_mut().add_device(spec)
 }
 
-/// 2. Negative control: with one worker for both kinds of offers (Linux before the fix),
+/// Scenario 2: Negative control: with one worker for both kinds of offers (Linux before the fix),
 /// the watchdog reports the deadlock and names the waiting tasks.
 #[test]
 fn single_worker_configuration_deadlocks_and_the_watchdog_says_so() {
@@ -285,7 +285,7 @@ fn add_nic_raw_with(
     host.borrow_mut().add_device(spec)
 }
 
-/// 3. Rescind injected at every step of a device's bring-up (GPADL, OPENCHANNEL of the
+/// Scenario 3: Rescind injected at every step of a device's bring-up (GPADL, OPENCHANNEL of the
 /// primary and of each sub-channel), before and after the host's reply, and during steady
 /// state: no hang, nothing leaked, RELID_RELEASED exactly once per channel.
 #[test]
@@ -334,7 +334,7 @@ fn steady_state_removal_leaks_nothing() {
     }
 }
 
-/// 4a. A duplicate primary offer is dropped (and the ghost relid never opened).
+/// Scenario 4a: A duplicate primary offer is dropped (and the ghost relid never opened).
 #[test]
 fn duplicate_primary_offer_is_dropped() {
     for dup in [
@@ -375,7 +375,7 @@ fn duplicate_primary_offer_is_dropped() {
     }
 }
 
-/// 4b. A probe that fails (the host refuses OPENCHANNEL) frees what it set up and still
+/// Scenario 4b: A probe that fails (the host refuses OPENCHANNEL) frees what it set up and still
 /// marks probe done, so the later rescind completes and releases the relid.
 #[test]
 fn probe_failure_then_rescind_completes() {
@@ -393,7 +393,7 @@ fn probe_failure_then_rescind_completes() {
     }
 }
 
-/// 4c. A sub-channel offer that arrives after its primary was rescinded is not handed to
+/// Scenario 4c: A sub-channel offer that arrives after its primary was rescinded is not handed to
 /// any driver and is released when the host rescinds it.
 #[test]
 fn subchannel_offer_after_primary_rescind_is_released() {
@@ -425,4 +425,133 @@ fn subchannel_offer_after_primary_rescind_is_released() {
     assert_eq!(stats.rescinds, 3, "{stats:?}");
     assert_eq!(stats.relids_released, 3, "{stats:?}");
     assert_device_fully_released(&w, pages, "sub-channel after primary rescind");
+}
+
+/// Scenario 5: Version negotiation against hosts that accept only one version, and against a
+/// pre-5.0 host that refuses INITIATE_CONTACT on connection id 4; then a NIC still comes up
+/// on the negotiated connection.
+#[test]
+fn version_negotiation_against_restricted_hosts() {
+    use hvnet_wire::vmbus::VmbusVersion;
+    let cases = [
+        (vec![VmbusVersion::WIN8], false, VmbusVersion::WIN8),
+        (vec![VmbusVersion::WIN10], false, VmbusVersion::WIN10),
+        (
+            vec![VmbusVersion::WIN10_V5_3],
+            false,
+            VmbusVersion::WIN10_V5_3,
+        ),
+        (
+            vec![
+                VmbusVersion::WIN10,
+                VmbusVersion::WIN8_1,
+                VmbusVersion::WIN8,
+            ],
+            true,
+            VmbusVersion::WIN10,
+        ),
+        (
+            hvemu::HostConfig::default().versions,
+            true,
+            VmbusVersion::WIN10_V4_1,
+        ),
+    ];
+    for (versions, pre_v5, expect) in cases {
+        let sim = sim(5);
+        let config = hvemu::HostConfig {
+            versions: versions.clone(),
+            pre_win10_v5_connection_ids: pre_v5,
+            msg_conn_id: 4,
+            ..host_config(5)
+        };
+        let w = world(&sim.handle(), config, VmBusConfig::default(), 5);
+        w.driver.want_subchannels.set(2);
+        let (bus, host, up) = (w.bus.clone(), w.host.clone(), w.up.clone());
+        let got = sim
+            .run(async move {
+                let v = bus.connect().await.expect("connect");
+                add_nic_raw(&host, 1, 2);
+                up.acquire(1).await;
+                v
+            })
+            .unwrap();
+        assert_eq!(
+            got, expect,
+            "host versions {versions:?}, pre-5.0 ids {pre_v5}"
+        );
+        assert_clean_host(&w);
+    }
+    // A host that accepts nothing: a clear error, no hang.
+    let sim = sim(6);
+    let config = hvemu::HostConfig {
+        versions: vec![VmbusVersion::WIN7],
+        ..host_config(6)
+    };
+    let w = world(&sim.handle(), config, VmBusConfig::default(), 6);
+    let bus = w.bus.clone();
+    let r = sim.run(async move { bus.connect().await }).unwrap();
+    assert_eq!(r, Err(hvnet_vmbus::bus::ConnectError::NoCommonVersion));
+}
+
+/// Scenario 6: Malformed host messages of every type (empty, short, overlong, unknown relids, huge
+/// counts, garbage) are dropped and counted, never a panic; the bus keeps working.
+#[test]
+fn malformed_host_messages_are_rejected_and_the_bus_keeps_working() {
+    for seed in 0..4u64 {
+        let sim = sim(seed);
+        let w = world(
+            &sim.handle(),
+            host_config(seed),
+            VmBusConfig::default(),
+            seed,
+        );
+        w.driver.want_subchannels.set(2);
+        let (bus, host, up) = (w.bus.clone(), w.host.clone(), w.up.clone());
+        let handle = sim.handle();
+        let bad = sim
+            .run(async move {
+                bus.connect().await.unwrap();
+                let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                let mut next = move || {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng
+                };
+                for msg_type in 0u32..=32 {
+                    let header = msg_type.to_le_bytes();
+                    let mut cases: Vec<Vec<u8>> = vec![
+                        vec![],
+                        header[..2].to_vec(),
+                        [&header[..], &[0u8; 4]].concat(),
+                        [&header[..], &[0u8; 4], &[0xffu8; 3]].concat(),
+                        [&header[..], &[0u8; 4], &[0xffu8; 232]].concat(),
+                    ];
+                    let mut random = [&header[..], &[0u8; 4]].concat();
+                    random.extend((0..(next() % 232)).map(|_| next() as u8));
+                    cases.push(random);
+                    for body in cases {
+                        host_scope(|| host.borrow_mut().inject_raw(1, &body));
+                    }
+                }
+                // Unknown relids for the relid-carrying replies, and a non-VMBus SynIC type.
+                for t in [2u32, 6, 10, 12] {
+                    let mut m = t.to_le_bytes().to_vec();
+                    m.extend([0u8; 4]);
+                    m.extend(0xdead_beefu32.to_le_bytes());
+                    m.extend([0u8; 12]);
+                    host_scope(|| host.borrow_mut().inject_raw(1, &m));
+                }
+                host_scope(|| host.borrow_mut().inject_raw(0x8000_0010, &[1, 2, 3]));
+                handle.sleep(std::time::Duration::from_millis(5)).await;
+                let bad = bus.stats().bad_messages;
+                // Still works: a NIC comes up afterwards.
+                add_nic_raw(&host, 3, 2);
+                up.acquire(1).await;
+                bad
+            })
+            .unwrap();
+        assert!(bad >= 150, "seed {seed}: only {bad} bad messages counted");
+        assert_eq!(w.rtnl.try_lock().unwrap().len(), 1);
+    }
 }
