@@ -83,27 +83,35 @@ fn map_identity(
     let end = (end + FRAME_SIZE - 1) & !(FRAME_SIZE - 1);
     while a < end {
         if huge && a.is_multiple_of(HUGE) && a + HUGE <= end {
-            let page = Page::<Size2MiB>::containing_address(VirtAddr::new(a));
-            let frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(a));
-            // SAFETY: identity mapping of RAM the memory map reports; it aliases nothing
-            // else because virtual equals physical everywhere.
-            match unsafe { mapper.map_to(page, frame, flags | F::HUGE_PAGE, alloc) } {
-                Ok(f) if flush => f.flush(),
-                Ok(f) => f.ignore(),
-                Err(e) => map_err(e)?,
-            }
+            map_page::<Size2MiB>(mapper, alloc, a, flags | F::HUGE_PAGE, flush)?;
             a += HUGE;
         } else {
-            let page = Page::<Size4KiB>::containing_address(VirtAddr::new(a));
-            let frame = PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(a));
-            // SAFETY: as above.
-            match unsafe { mapper.map_to(page, frame, flags, alloc) } {
-                Ok(f) if flush => f.flush(),
-                Ok(f) => f.ignore(),
-                Err(e) => map_err(e)?,
-            }
+            map_page::<Size4KiB>(mapper, alloc, a, flags, flush)?;
             a += FRAME_SIZE;
         }
+    }
+    Ok(())
+}
+
+/// Identity-maps the one page of size `S` at `addr`.
+fn map_page<S: PageSize>(
+    mapper: &mut OffsetPageTable<'_>,
+    alloc: &mut TableFrames<'_>,
+    addr: u64,
+    flags: F,
+    flush: bool,
+) -> Result<(), PagingError>
+where
+    for<'a> OffsetPageTable<'a>: Mapper<S>,
+{
+    let page = Page::<S>::containing_address(VirtAddr::new(addr));
+    let frame = PhysFrame::<S>::containing_address(PhysAddr::new(addr));
+    // SAFETY: identity mapping of memory the memory map (or a device) reports; it aliases
+    // nothing else because virtual equals physical everywhere.
+    match unsafe { mapper.map_to(page, frame, flags, alloc) } {
+        Ok(f) if flush => f.flush(),
+        Ok(f) => f.ignore(),
+        Err(e) => map_err(e)?,
     }
     Ok(())
 }
