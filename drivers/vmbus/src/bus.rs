@@ -19,7 +19,7 @@
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::format;
-use alloc::rc::Rc;
+use alloc::rc::{Rc, Weak};
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 use core::time::Duration;
@@ -130,6 +130,18 @@ struct BusInner {
     /// The pre-5.0 interrupt page and the two monitor pages, kept for the connection's life.
     connection_pages: RefCell<Vec<Box<dyn SharedBuffer>>>,
     stats: RefCell<BusStats>,
+}
+
+impl Drop for BusInner {
+    /// Channels hold their driver's instance, which holds handles on those channels:
+    /// break those cycles so a torn-down bus frees everything.
+    fn drop(&mut self) {
+        for ch in self.channels.borrow().values() {
+            ch.instance.borrow_mut().take();
+            ch.subchannel_handler.borrow_mut().take();
+            ch.ring.borrow_mut().take();
+        }
+    }
 }
 
 /// The guest's VMBus. Cheap to clone.
@@ -594,7 +606,7 @@ impl VmBus {
                 debug!("vmbus: probing relid {} with {}", ch.relid, driver.name());
                 match driver
                     .probe(Device {
-                        bus: self.clone(),
+                        bus: Rc::downgrade(&self.inner),
                         channel: ch.clone(),
                     })
                     .await
@@ -636,7 +648,7 @@ impl VmBus {
             ),
             Some(h) => {
                 h(Device {
-                    bus: self.clone(),
+                    bus: Rc::downgrade(&self.inner),
                     channel: ch.clone(),
                 })
                 .await
@@ -786,7 +798,9 @@ impl VmBus {
 /// A driver's handle on one channel (primary or sub-channel).
 #[derive(Clone)]
 pub struct Device {
-    bus: VmBus,
+    /// Weak: drivers keep device handles inside the bus's channel table, and a handle
+    /// must not keep the bus alive (or the bus could never be torn down).
+    bus: Weak<BusInner>,
     channel: Rc<ChannelState>,
 }
 
@@ -804,8 +818,11 @@ impl Device {
     }
 
     /// The bus.
-    pub fn bus(&self) -> &VmBus {
-        &self.bus
+    pub fn bus(&self) -> Result<VmBus, ChannelError> {
+        self.bus
+            .upgrade()
+            .map(|inner| VmBus { inner })
+            .ok_or(ChannelError::WrongState)
     }
 
     /// Installs the handler for this primary's sub-channel offers. Call it in `probe`
@@ -817,12 +834,12 @@ impl Device {
     /// Describes `buffer` to the host by a GPADL (GPADL_HEADER + bodies, then waits for
     /// GPADL_CREATED). The channel keeps the buffer alive until the GPADL is torn down.
     pub async fn create_gpadl(&self, buffer: Rc<dyn SharedBuffer>) -> Result<u32, ChannelError> {
-        self.bus.create_gpadl(&self.channel, buffer).await
+        self.bus()?.create_gpadl(&self.channel, buffer).await
     }
 
     /// Tears a GPADL down (waits for GPADL_TORNDOWN unless the channel was rescinded).
     pub async fn teardown_gpadl(&self, gpadl: u32) -> Result<(), ChannelError> {
-        self.bus.teardown_gpadl(&self.channel, gpadl).await
+        self.bus()?.teardown_gpadl(&self.channel, gpadl).await
     }
 
     /// Allocates the rings, describes them by a GPADL, sends OPENCHANNEL and waits for the
@@ -835,10 +852,11 @@ impl Device {
         if matches!(ch.lifecycle.get(), Lifecycle::Open | Lifecycle::Opening) {
             return Err(ChannelError::WrongState);
         }
-        let target_vp = self.bus.assign_cpu().await;
+        let bus = self.bus()?;
+        let target_vp = bus.assign_cpu().await;
         ch.target_vp.set(target_vp);
         let total = sizes.outgoing_pages + sizes.incoming_pages;
-        let buffer: Rc<dyn SharedBuffer> = Rc::from(self.bus.inner.mem.alloc(total)?);
+        let buffer: Rc<dyn SharedBuffer> = Rc::from(bus.inner.mem.alloc(total)?);
         let ring = Rc::new(RingPair::new(buffer.clone(), sizes.outgoing_pages)?);
         let gpadl = self.create_gpadl(buffer).await?;
         ch.ring_gpadl.set(Some(gpadl));
@@ -852,7 +870,7 @@ impl Device {
             target_vp,
             ring.downstream_page_offset(),
         ));
-        let result = match self.bus.post(&msg).await {
+        let result = match bus.post(&msg).await {
             Ok(()) => ch.or_rescind(reply.wait()).await,
             Err(e) => Err(e),
         };
@@ -875,7 +893,7 @@ impl Device {
                 // channel, so there is nothing to close; only the ring goes back.
                 ch.lifecycle.set(Lifecycle::Closed);
                 ch.ring_gpadl.set(None);
-                let _ = self.bus.teardown_gpadl(ch, gpadl).await;
+                let _ = bus.teardown_gpadl(ch, gpadl).await;
                 Err(e)
             }
         }
@@ -904,7 +922,8 @@ impl OpenedChannel {
     /// connection id).
     pub fn signal_host(&self) {
         let conn = self.device.channel.offer.connection_id.get();
-        if let Err(e) = self.device.bus.inner.hv.signal_event(conn) {
+        let Ok(bus) = self.device.bus() else { return };
+        if let Err(e) = bus.inner.hv.signal_event(conn) {
             warn!("vmbus: HvSignalEvent({conn}) failed: {e:?}");
         }
     }
@@ -929,7 +948,7 @@ impl OpenedChannel {
         if ch.lifecycle.get() != Lifecycle::Open {
             return Err(ChannelError::WrongState);
         }
-        let bus = &self.device.bus;
+        let bus = &self.device.bus()?;
         if !ch.is_rescinded() {
             bus.post(&encode_body(&CloseChannel {
                 child_relid: ch.relid.into(),
