@@ -149,51 +149,16 @@ pub fn init(boot: &BootInfo) -> Result<PagingSummary, PagingError> {
 
     let rw = F::PRESENT | F::WRITABLE | nx();
     let image = layout::kernel_image();
-    map_identity(
-        &mut mapper,
-        &mut alloc,
-        layout::boot_section().0,
-        layout::boot_section().1,
-        F::PRESENT,
-        false,
-        false,
-    )?;
-    map_identity(
-        &mut mapper,
-        &mut alloc,
-        layout::text().0,
-        layout::text().1,
-        F::PRESENT,
-        false,
-        false,
-    )?;
-    map_identity(
-        &mut mapper,
-        &mut alloc,
-        layout::rodata().0,
-        layout::rodata().1,
-        F::PRESENT | nx(),
-        false,
-        false,
-    )?;
-    map_identity(
-        &mut mapper,
-        &mut alloc,
-        layout::data_below_guard().0,
-        layout::data_below_guard().1,
-        rw,
-        false,
-        false,
-    )?;
-    map_identity(
-        &mut mapper,
-        &mut alloc,
-        layout::data_above_guard().0,
-        layout::data_above_guard().1,
-        rw,
-        false,
-        false,
-    )?;
+    let sections = [
+        (layout::boot_section(), F::PRESENT),
+        (layout::text(), F::PRESENT),
+        (layout::rodata(), F::PRESENT | nx()),
+        (layout::data_below_guard(), rw),
+        (layout::data_above_guard(), rw),
+    ];
+    for ((start, end), flags) in sections {
+        map_identity(&mut mapper, &mut alloc, start, end, flags, false, false)?;
+    }
 
     let mut mapped_ram = 0;
     for r in boot.memory_regions() {

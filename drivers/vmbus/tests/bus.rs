@@ -25,6 +25,16 @@ fn sim(seed: u64) -> Simulation {
     )
 }
 
+/// A world with the default host and bus configuration for `seed`.
+fn default_world(sim: &Simulation, seed: u64) -> World {
+    world(
+        &sim.handle(),
+        host_config(seed),
+        VmBusConfig::default(),
+        seed,
+    )
+}
+
 /// Asserts the host saw no protocol violation and returns a short summary.
 fn assert_clean_host(w: &World) {
     let host = w.host.borrow();
@@ -39,12 +49,7 @@ fn assert_clean_host(w: &World) {
 fn four_multiqueue_nics_hot_added_at_once_all_come_up() {
     check_seeds(1000, |seed| {
         let sim = sim(seed);
-        let w = world(
-            &sim.handle(),
-            host_config(seed),
-            VmBusConfig::default(),
-            seed,
-        );
+        let w = default_world(&sim, seed);
         let (bus, up, rtnl) = (w.bus.clone(), w.up.clone(), w.rtnl.clone());
         let host = w.host.clone();
         sim.run(async move {
@@ -206,7 +211,7 @@ const CYCLES: u32 = 8;
 fn bring_up_and_remove(seed: u64, faults: Faults, what: &str) {
     let sim = sim(seed);
     let handle = sim.handle();
-    let w = world(&handle, host_config(seed), VmBusConfig::default(), seed);
+    let w = default_world(&sim, seed);
     w.driver.want_subchannels.set(2);
     let (bus, host) = (w.bus.clone(), w.host.clone());
     let result = sim.run({
@@ -342,7 +347,7 @@ fn duplicate_primary_offer_is_dropped() {
         hvemu::DuplicateOffer::NewRelid,
     ] {
         let sim = sim(1);
-        let w = world(&sim.handle(), host_config(1), VmBusConfig::default(), 1);
+        let w = default_world(&sim, 1);
         w.driver.want_subchannels.set(2);
         let (bus, host, up) = (w.bus.clone(), w.host.clone(), w.up.clone());
         sim.run(async move {
@@ -399,7 +404,7 @@ fn probe_failure_then_rescind_completes() {
 fn subchannel_offer_after_primary_rescind_is_released() {
     let sim = sim(3);
     let handle = sim.handle();
-    let w = world(&handle, host_config(3), VmBusConfig::default(), 3);
+    let w = default_world(&sim, 3);
     w.driver.want_subchannels.set(0);
     let (bus, host) = (w.bus.clone(), w.host.clone());
     let result = sim.run({
@@ -499,12 +504,7 @@ fn version_negotiation_against_restricted_hosts() {
 fn malformed_host_messages_are_rejected_and_the_bus_keeps_working() {
     for seed in 0..4u64 {
         let sim = sim(seed);
-        let w = world(
-            &sim.handle(),
-            host_config(seed),
-            VmBusConfig::default(),
-            seed,
-        );
+        let w = default_world(&sim, seed);
         w.driver.want_subchannels.set(2);
         let (bus, host, up) = (w.bus.clone(), w.host.clone(), w.up.clone());
         let handle = sim.handle();
