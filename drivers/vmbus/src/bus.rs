@@ -209,6 +209,11 @@ impl VmBus {
         &self.inner.handle
     }
 
+    /// The allocator of host-visible memory (drivers allocate their GPADL buffers from it).
+    pub fn allocator(&self) -> &Rc<dyn DmaAllocator> {
+        &self.inner.mem
+    }
+
     /// Counters.
     pub fn stats(&self) -> BusStats {
         *self.inner.stats.borrow()
