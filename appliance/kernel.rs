@@ -1,21 +1,24 @@
 //! The 64-bit kernel entry and the boot sequence.
 
 use alloc::boxed::Box;
+use alloc::rc::Rc;
 use core::fmt::Write;
 use core::sync::atomic::{AtomicU8, Ordering};
 use core::time::Duration;
 
-use hvnet_hyperv::{Cpuid, CpuidResult, Hypervisor};
+use hvnet_hyperv::{Cpuid, CpuidResult, HyperVInfo, Hypervisor};
 use hvnet_runtime::irq::IrqSignal;
 use hvnet_runtime::{Executor, Handle};
+use hvnet_vmbus::bus::{ConnectError, VmBus, VmBusConfig};
 use log::{error, info, warn};
 
 use crate::arch::{apic, cpu, gdt, idt, pic, serial};
 use crate::boot::info::{BootInfo, PhysMemory};
 use crate::config::{Config, ExitMode, TestAction, UnknownWord};
-use crate::memory::{frames::FRAME_SIZE, heap, layout, paging};
+use crate::hyperv::HvPlatform;
+use crate::memory::{dma::FrameDma, frames::FRAME_SIZE, heap, layout, paging};
 use crate::platform::KernelPlatform;
-use crate::{acpi, logger, time};
+use crate::{acpi, hyperv, logger, time};
 
 const MIB: u64 = 1 << 20;
 
@@ -181,6 +184,9 @@ extern "C" fn kernel_entry(protocol: u32, info: u64) -> ! {
 
     let hypervisor = hvnet_hyperv::detect(&NativeCpuid);
     info!("hypervisor: {hypervisor}");
+    if let Hypervisor::HyperV(i) = &hypervisor {
+        hyperv::init_clock(i);
+    }
 
     let executor = Executor::new(KernelPlatform);
     let handle = executor.handle();
@@ -252,13 +258,20 @@ fn init_memory(boot: &BootInfo) {
 
 /// The appliance's main task: report readiness, then run what the command line asks for.
 async fn appliance(handle: Handle, hypervisor: Hypervisor, config: Config) {
-    match hypervisor {
+    // Kept for the appliance's life (its tasks hold it too).
+    let _vmbus = match hypervisor {
         Hypervisor::HyperV(i) => match i.missing_for_vmbus() {
-            Some(what) => info!("hvnet: ready, no VMBus (Hyper-V without {what})"),
-            None => info!("hvnet: ready, Hyper-V detected (VMBus driver not in this build yet)"),
+            Some(what) => {
+                info!("hvnet: ready, no VMBus (Hyper-V without {what})");
+                None
+            }
+            None => start_vmbus(&handle, &i).await,
         },
-        _ => info!("hvnet: ready, no VMBus (not Hyper-V)"),
-    }
+        _ => {
+            info!("hvnet: ready, no VMBus (not Hyper-V)");
+            None
+        }
+    };
     let (used, size) = heap::stats();
     log::debug!(
         "heap: {used} of {size} bytes in use, {} failed allocations",
@@ -322,6 +335,44 @@ async fn appliance(handle: Handle, hypervisor: Hypervisor, config: Config) {
             let depth = recurse(core::hint::black_box(0));
             error!("test: recursion returned at depth {depth}; no fault was taken");
             fatal_stop();
+        }
+    }
+}
+
+/// Brings up the hypercall page and SynIC, connects VMBus and prints the ready line.
+async fn start_vmbus(handle: &Handle, info: &HyperVInfo) -> Option<VmBus> {
+    let platform = match HvPlatform::init(info) {
+        Ok(p) => p,
+        Err(e) => {
+            error!("hyperv: platform bring-up failed: {e}");
+            info!("hvnet: ready, VMBus unavailable: {e}");
+            return None;
+        }
+    };
+    let bus = VmBus::new(
+        handle,
+        Rc::new(platform),
+        Rc::new(FrameDma),
+        VmBusConfig::default(),
+    );
+    match bus.connect().await {
+        Ok(version) => {
+            let relids = bus.live_relids();
+            info!(
+                "vmbus: version {version}, {} channel offer(s), relids {relids:?}",
+                relids.len()
+            );
+            info!("hvnet: ready, VMBus {version}");
+            Some(bus)
+        }
+        Err(e) => {
+            let reason = match e {
+                ConnectError::NoCommonVersion => "the host accepted no offered version",
+                ConnectError::OutOfMemory => "no memory for the connection pages",
+            };
+            error!("vmbus: connect failed: {reason}");
+            info!("hvnet: ready, VMBus unavailable: {reason}");
+            None
         }
     }
 }

@@ -22,6 +22,8 @@ mod acpi;
 #[cfg(target_os = "none")]
 mod arch;
 #[cfg(target_os = "none")]
+mod hyperv;
+#[cfg(target_os = "none")]
 mod logger;
 #[cfg(target_os = "none")]
 mod platform;

@@ -1,6 +1,8 @@
 //! The kernel clock: the TSC, calibrated at boot against the PIT together with the LAPIC
 //! timer. `now_ns` is monotonic nanoseconds since calibration (0 before it).
-//! A later Hyper-V layer can replace the source with the reference TSC page.
+//! On Hyper-V the source can switch, once, to partition reference time (the reference TSC
+//! page, see `hyperv::init_clock`): from the switch on, time advances by reference ticks
+//! and continues from the value the TSC gave at that moment, so it never jumps.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -50,8 +52,36 @@ pub fn calibrate() -> Option<Calibration> {
     })
 }
 
+/// The reference clock (100 ns ticks) once switched to, and where it took over.
+static REFERENCE: spin::Once<fn() -> u64> = spin::Once::new();
+static REFERENCE_BASE: AtomicU64 = AtomicU64::new(0);
+static NS_AT_SWITCH: AtomicU64 = AtomicU64::new(0);
+
+/// Makes `read_100ns` (a monotonic clock in 100 ns units) the time source from now on.
+/// Only the first call has an effect.
+pub fn use_reference_clock(read_100ns: fn() -> u64) {
+    if REFERENCE.is_completed() {
+        return;
+    }
+    NS_AT_SWITCH.store(tsc_now_ns(), Ordering::Relaxed);
+    REFERENCE_BASE.store(read_100ns(), Ordering::Relaxed);
+    // Publishes the two values above (release) together with the source.
+    REFERENCE.call_once(|| read_100ns);
+}
+
 /// Nanoseconds since calibration.
 pub fn now_ns() -> u64 {
+    if let Some(read) = REFERENCE.get() {
+        let ticks = read().saturating_sub(REFERENCE_BASE.load(Ordering::Relaxed));
+        return NS_AT_SWITCH
+            .load(Ordering::Relaxed)
+            .saturating_add(ticks.saturating_mul(100));
+    }
+    tsc_now_ns()
+}
+
+/// Nanoseconds since calibration, from the TSC.
+fn tsc_now_ns() -> u64 {
     let khz = TSC_KHZ.load(Ordering::Acquire);
     if khz == 0 {
         return 0;

@@ -1,15 +1,39 @@
-//! Hyper-V platform definitions and detection.
+//! The Hyper-V guest platform: detection, synthetic MSRs, hypercalls, SynIC, reference time.
 //!
-//! This crate names what the Hyper-V Top-Level Functional Specification (TLFS) defines
-//! for a guest: CPUID leaves, synthetic MSRs, privilege bits. It reads nothing itself:
-//! detection takes a [`Cpuid`] source, so the same logic runs on the target (the real
-//! `cpuid` instruction) and in host tests (a table). Facts are from
-//! `shared/reference/hyperv-facts.md` sections 1 and 2 (Linux `hvgdk_mini.h`, OpenVMM hvdef).
+//! This crate holds the logic of what the Hyper-V Top-Level Functional Specification (TLFS)
+//! asks of a guest, and touches no hardware itself. It reaches the machine through small
+//! traits the caller implements: [`Cpuid`] for detection, [`hw::HvCpu`] (MSRs and
+//! hypercalls) and [`hw::HvPage`] (pages shared with the hypervisor) for the rest. The
+//! appliance implements them with real instructions and identity-mapped frames; host tests
+//! implement them with recording fakes. Modules:
+//!
+//! - detection (this file): CPUID leaves, privileges, [`detect`];
+//! - [`msr`]: MSR numbers and how values are composed (reserved bits kept), guest OS id;
+//! - [`setup`]: enable/disable orders for the hypercall page, SynIC and TSC page;
+//! - [`hypercall`]: HvPostMessage and HvSignalEvent, status mapping;
+//! - [`synic`]: taking messages from the SIMP slot (with EOM), draining event flags;
+//! - [`tsc`]: reference time from the TSC page, TIME_REF_COUNT fallback.
+//!
+//! Facts are from `shared/reference/hyperv-facts.md` sections 1-5 (Linux `hvgdk_mini.h`,
+//! `hv.c`, `hyperv_vmbus.h`, OpenVMM hvdef) and the TLFS; wire layouts come from
+//! `hvnet_wire::synic`, which is shared with the host emulator.
 
 #![no_std]
 #![forbid(unsafe_code)]
 
 use core::fmt;
+
+pub mod hw;
+pub mod hypercall;
+pub mod msr;
+pub mod setup;
+pub mod synic;
+pub mod tsc;
+
+#[cfg(test)]
+mod fake;
+
+pub use hw::{HvCpu, HvPage};
 
 /// CPUID leaf 0x40000000: highest hypervisor leaf and vendor signature.
 pub const CPUID_VENDOR_AND_MAX: u32 = 0x4000_0000;
@@ -90,6 +114,16 @@ impl HyperVInfo {
         } else {
             None
         }
+    }
+}
+
+impl HyperVInfo {
+    /// Whether reference time can come from the TSC page: the page itself (privilege 9)
+    /// and the TIME_REF_COUNT MSR (privilege 1) for when the page is invalid.
+    pub fn has_reference_tsc(&self) -> bool {
+        use privilege::*;
+        let needed = ACCESS_PARTITION_REFERENCE_TSC | ACCESS_PARTITION_REFERENCE_COUNTER;
+        self.privileges & needed == needed
     }
 }
 
@@ -243,6 +277,7 @@ mod tests {
         };
         assert_eq!((i.major, i.minor, i.build), (10, 0, 20348));
         assert_eq!(i.missing_for_vmbus(), None);
+        assert!(i.has_reference_tsc());
         assert_eq!(h.to_string(), "Microsoft Hyper-V 10.0 (build 20348)");
     }
 
@@ -252,6 +287,14 @@ mod tests {
             panic!()
         };
         assert_eq!(i.missing_for_vmbus(), Some("hypercall MSRs"));
+        assert!(!i.has_reference_tsc());
+        // The TSC page without the reference counter MSR has no fallback: not used.
+        let Hypervisor::HyperV(i) =
+            detect(&hyperv(privilege::ACCESS_PARTITION_REFERENCE_TSC | 0x64))
+        else {
+            panic!()
+        };
+        assert!(!i.has_reference_tsc());
     }
 
     #[test]
