@@ -929,6 +929,19 @@ impl VmbusHost {
         self.flush_notify();
     }
 
+    /// Rescinds one sub-channel (index > 0) of a device that stays present, as a host
+    /// does when it takes a queue away. Returns whether such a channel existed.
+    pub fn rescind_subchannel(&mut self, dev: DeviceId, sub_index: u16) -> bool {
+        let relid = match self.devices.get(&dev) {
+            Some(d) if sub_index > 0 && !d.removed => d.channels.get(&sub_index).copied(),
+            _ => None,
+        };
+        let Some(relid) = relid else { return false };
+        self.rescind_channel(relid);
+        self.flush_notify();
+        true
+    }
+
     fn remove_device_inner(&mut self, dev: DeviceId) {
         let Some(d) = self.devices.get_mut(&dev) else {
             return;

@@ -38,16 +38,22 @@ mod device;
 mod faults;
 mod host;
 mod memory;
+pub mod netvsp;
+pub mod peers;
 mod queue;
 mod ring;
 mod rng;
+pub mod rss;
 mod stats;
+pub mod switch;
 mod testdev;
 
 pub use device::{ChannelCtx, DeviceBackend, DeviceId, DeviceSpec, HostActions};
 pub use faults::{ChannelSel, DuplicateOffer, Faults, HostFaults, RescindTiming};
 pub use host::{ConnectionInfo, HostConfig, VmbusHost, STATUS_UNSUCCESSFUL};
-pub use memory::{GuestMemory, MemError, MemoryViolation, MemoryViolationKind, PAGE_SIZE};
+pub use memory::{
+    GuestMemory, GuestRam, MemError, MemoryViolation, MemoryViolationKind, PAGE_SIZE,
+};
 pub use ring::{
     HostRing, OwnedGpaRange, RingCorruption, RingError, RingPacket, RingPacketKind, RingStats,
 };

@@ -12,7 +12,13 @@
 //!   twice, or freeing a frame that was never handed out is recorded as a
 //!   [`MemoryViolation`] (never a panic); a freed pinned page is quarantined, not reused,
 //!   until the host lets go of it. Freed pages are poisoned with `0xA5`.
+//!
+//! A second backing, [`GuestMemory::from_ram`], puts the same handle over a real guest's
+//! RAM (the `hvemu-vmm` VMM's mapped memory, reached through the [`GuestRam`] trait): then
+//! GPAs are the guest's own, every RAM page counts as live, pins are only counted, and the
+//! allocation API (which exists for the in-process model's guest) has nothing to hand out.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::rng::SplitMix64;
@@ -101,24 +107,80 @@ struct Inner {
     violations: Vec<MemoryViolation>,
 }
 
-/// A shared handle to the model of guest RAM (clones share the same memory).
+/// Real guest RAM owned by someone else (a VMM), addressed by guest physical address.
+///
+/// Implementations check every access against their RAM ranges and fail with
+/// [`MemError::OutOfRange`] (writing nothing) when any byte is outside them.
+pub trait GuestRam: Send + Sync {
+    /// Copies `buf.len()` bytes at `gpa` into `buf`.
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError>;
+    /// Copies `data` to `gpa`.
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemError>;
+    /// Whether every byte of `[gpa, gpa + len)` is RAM.
+    fn is_ram(&self, gpa: u64, len: u64) -> bool;
+    /// Total bytes of RAM.
+    fn size(&self) -> u64;
+}
+
+/// [`GuestMemory`] over real RAM: the RAM and the host's pin counts.
+struct RamBacked {
+    ram: Box<dyn GuestRam>,
+    /// Pins per frame (GPADLs referencing it), for [`GuestMemory::pinned_pages`].
+    pins: Mutex<BTreeMap<u64, u32>>,
+}
+
+#[derive(Clone)]
+enum Backing {
+    Model(Arc<Mutex<Inner>>),
+    Ram(Arc<RamBacked>),
+}
+
+/// A shared handle to guest RAM, the model's or a real guest's (clones share the same
+/// memory).
 #[derive(Clone)]
 pub struct GuestMemory {
-    inner: Arc<Mutex<Inner>>,
+    backing: Backing,
 }
 
 impl std::fmt::Debug for GuestMemory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let g = self.lock();
-        f.debug_struct("GuestMemory")
-            .field("pages", &g.pages.len())
-            .field("live", &g.live)
-            .field("violations", &g.violations.len())
-            .finish()
+        match &self.backing {
+            Backing::Model(_) => {
+                let g = self.lock();
+                f.debug_struct("GuestMemory")
+                    .field("pages", &g.pages.len())
+                    .field("live", &g.live)
+                    .field("violations", &g.violations.len())
+                    .finish()
+            }
+            Backing::Ram(r) => f
+                .debug_struct("GuestMemory")
+                .field("ram_bytes", &r.ram.size())
+                .field("pinned", &self.pinned_pages())
+                .finish(),
+        }
     }
 }
 
 impl GuestMemory {
+    /// A handle over a real guest's RAM. GPAs are the guest's; the allocation API
+    /// ([`GuestMemory::alloc_pages`], [`GuestMemory::free_pages`]) is the model's and does
+    /// nothing here: `alloc_pages` returns `None` and `free_pages` is ignored.
+    pub fn from_ram(ram: Box<dyn GuestRam>) -> Self {
+        GuestMemory {
+            backing: Backing::Ram(Arc::new(RamBacked {
+                ram,
+                pins: Mutex::new(BTreeMap::new()),
+            })),
+        }
+    }
+
+    /// Whether this handle is over real RAM ([`GuestMemory::from_ram`]) rather than the
+    /// model.
+    pub fn is_real_ram(&self) -> bool {
+        matches!(self.backing, Backing::Ram(_))
+    }
+
     /// Guest RAM of `pages` pages; `seed` scrambles the allocation order.
     pub fn new(pages: usize, seed: u64) -> Self {
         let mut rng = SplitMix64::new(seed ^ 0x6D65_6D6F_7279);
@@ -136,29 +198,57 @@ impl GuestMemory {
             })
             .collect();
         GuestMemory {
-            inner: Arc::new(Mutex::new(Inner {
+            backing: Backing::Model(Arc::new(Mutex::new(Inner {
                 pages,
                 free,
                 live: 0,
                 rng,
                 violations: Vec::new(),
-            })),
+            }))),
         }
     }
 
+    /// The model's state. Callers check for the model backing first; over real RAM this
+    /// hands out an empty stand-in model so no caller can panic.
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A test that panicked while holding the lock must not hide its own failure.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        match &self.backing {
+            // A test that panicked while holding the lock must not hide its own failure.
+            Backing::Model(inner) => inner.lock().unwrap_or_else(|e| e.into_inner()),
+            Backing::Ram(_) => {
+                static EMPTY: Mutex<Inner> = Mutex::new(Inner {
+                    pages: Vec::new(),
+                    free: Vec::new(),
+                    live: 0,
+                    rng: SplitMix64::new(0),
+                    violations: Vec::new(),
+                });
+                EMPTY.lock().unwrap_or_else(|e| e.into_inner())
+            }
+        }
+    }
+
+    fn ram(&self) -> Option<&RamBacked> {
+        match &self.backing {
+            Backing::Ram(r) => Some(r),
+            Backing::Model(_) => None,
+        }
     }
 
     /// Total pages of RAM.
     pub fn total_pages(&self) -> usize {
+        if let Some(r) = self.ram() {
+            return usize::try_from(r.ram.size() / PAGE).unwrap_or(usize::MAX);
+        }
         self.lock().pages.len()
     }
 
     /// Allocates `n` zeroed pages; returns their frame numbers (never contiguous, in
-    /// scrambled order), or `None` if fewer than `n` pages are free.
+    /// scrambled order), or `None` if fewer than `n` pages are free. Always `None` over
+    /// real RAM (the guest allocates its own memory there).
     pub fn alloc_pages(&self, n: usize) -> Option<Vec<u64>> {
+        if self.ram().is_some() {
+            return None;
+        }
         let mut g = self.lock();
         if g.free.len() < n {
             return None;
@@ -176,8 +266,12 @@ impl GuestMemory {
     }
 
     /// Returns pages to the free pool. Misuse (double free, foreign frame, pinned page) is
-    /// recorded in [`GuestMemory::violations`]; the call itself never fails.
+    /// recorded in [`GuestMemory::violations`]; the call itself never fails. Ignored over
+    /// real RAM.
     pub fn free_pages(&self, pfns: &[u64]) {
+        if self.ram().is_some() {
+            return;
+        }
         let mut g = self.lock();
         for &pfn in pfns {
             let Some(idx) = pfn_to_index(pfn, g.pages.len()) else {
@@ -212,13 +306,20 @@ impl GuestMemory {
         }
     }
 
-    /// Pages currently allocated (for leak checks).
+    /// Pages currently allocated (for leak checks; 0 over real RAM, where the guest's
+    /// allocations are its own business).
     pub fn live_pages(&self) -> usize {
         self.lock().live
     }
 
-    /// Whether `pfn` is a page currently allocated to the guest.
+    /// Whether `pfn` is a page currently allocated to the guest (over real RAM: whether it
+    /// is RAM at all).
     pub fn is_live(&self, pfn: u64) -> bool {
+        if let Some(r) = self.ram() {
+            return pfn
+                .checked_mul(PAGE)
+                .is_some_and(|gpa| r.ram.is_ram(gpa, PAGE));
+        }
         let g = self.lock();
         pfn_to_index(pfn, g.pages.len()).is_some_and(|i| g.pages[i].state == PageState::Live)
     }
@@ -230,12 +331,19 @@ impl GuestMemory {
 
     /// Pages pinned by the host (referenced by live GPADLs), counted once per pin.
     pub fn pinned_pages(&self) -> usize {
+        if let Some(r) = self.ram() {
+            let pins = r.pins.lock().unwrap_or_else(|e| e.into_inner());
+            return pins.values().map(|&n| n as usize).sum();
+        }
         self.lock().pages.iter().map(|p| p.pins as usize).sum()
     }
 
     /// Copies `buf.len()` bytes at `gpa` into `buf`. May cross pages; every page touched
     /// must be RAM (live or not: the host side may look at any RAM).
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        if let Some(r) = self.ram() {
+            return r.ram.read(gpa, buf);
+        }
         let g = self.lock();
         let err = MemError::OutOfRange {
             gpa,
@@ -260,6 +368,9 @@ impl GuestMemory {
     /// Copies `data` to `gpa`. May cross pages; fails without writing anything if any
     /// page touched is not RAM.
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
+        if let Some(r) = self.ram() {
+            return r.ram.write(gpa, data);
+        }
         let mut g = self.lock();
         let err = MemError::OutOfRange {
             gpa,
@@ -313,8 +424,21 @@ impl GuestMemory {
     }
 
     /// Pins pages for a GPADL: all must be live, else nothing is pinned and the first
-    /// offending frame is returned.
+    /// offending frame is returned. Over real RAM every RAM frame counts as live.
     pub(crate) fn pin(&self, pfns: &[u64]) -> Result<(), u64> {
+        if let Some(r) = self.ram() {
+            if let Some(&bad) = pfns.iter().find(|&&pfn| {
+                !pfn.checked_mul(PAGE)
+                    .is_some_and(|gpa| r.ram.is_ram(gpa, PAGE))
+            }) {
+                return Err(bad);
+            }
+            let mut pins = r.pins.lock().unwrap_or_else(|e| e.into_inner());
+            for &pfn in pfns {
+                *pins.entry(pfn).or_insert(0) += 1;
+            }
+            return Ok(());
+        }
         let mut g = self.lock();
         let len = g.pages.len();
         for &pfn in pfns {
@@ -334,6 +458,18 @@ impl GuestMemory {
     /// Drops the pins [`GuestMemory::pin`] took; quarantined pages whose last pin goes are
     /// returned to the free pool.
     pub(crate) fn unpin(&self, pfns: &[u64]) {
+        if let Some(r) = self.ram() {
+            let mut pins = r.pins.lock().unwrap_or_else(|e| e.into_inner());
+            for pfn in pfns {
+                if let Some(n) = pins.get_mut(pfn) {
+                    *n -= 1;
+                    if *n == 0 {
+                        pins.remove(pfn);
+                    }
+                }
+            }
+            return;
+        }
         let mut g = self.lock();
         let len = g.pages.len();
         for &pfn in pfns {
@@ -438,5 +574,76 @@ mod tests {
         m.unpin(&pfns[..1]);
         assert_eq!(m.alloc_pages(8).map(|v| v.len()), Some(8));
         assert!(m.pin(&[BASE_PFN + 1]).is_err());
+    }
+
+    /// A flat RAM of `len` bytes at GPA 0 (what a VMM's mapping looks like).
+    struct FlatRam(Mutex<Vec<u8>>);
+
+    impl GuestRam for FlatRam {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+            let ram = self.0.lock().unwrap();
+            let err = MemError::OutOfRange {
+                gpa,
+                len: buf.len(),
+            };
+            let start = usize::try_from(gpa).map_err(|_| err)?;
+            let src = ram.get(start..start + buf.len()).ok_or(err)?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+        fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
+            let mut ram = self.0.lock().unwrap();
+            let err = MemError::OutOfRange {
+                gpa,
+                len: data.len(),
+            };
+            let start = usize::try_from(gpa).map_err(|_| err)?;
+            let dst = ram.get_mut(start..start + data.len()).ok_or(err)?;
+            dst.copy_from_slice(data);
+            Ok(())
+        }
+        fn is_ram(&self, gpa: u64, len: u64) -> bool {
+            gpa.checked_add(len)
+                .is_some_and(|end| end <= self.0.lock().unwrap().len() as u64)
+        }
+        fn size(&self) -> u64 {
+            self.0.lock().unwrap().len() as u64
+        }
+    }
+
+    #[test]
+    fn real_ram_backing_reads_writes_and_counts_pins() {
+        let m = GuestMemory::from_ram(Box::new(FlatRam(Mutex::new(vec![0; 4 * PAGE_SIZE]))));
+        assert!(m.is_real_ram());
+        assert!(!GuestMemory::new(1, 0).is_real_ram());
+        assert_eq!(m.total_pages(), 4);
+        // Guest GPAs are used as they are: page 1 is GPA 0x1000, and pages are contiguous.
+        m.write(0x1ffe, &[1, 2, 3, 4]).unwrap();
+        let mut b = [0u8; 4];
+        m.read(0x1ffe, &mut b).unwrap();
+        assert_eq!(b, [1, 2, 3, 4]);
+        m.store_u32(0x3000, 0xfeed_f00d).unwrap();
+        assert_eq!(m.load_u32(0x3000), Ok(0xfeed_f00d));
+        assert_eq!(
+            m.write(0x3ffe, &[0; 4]),
+            Err(MemError::OutOfRange {
+                gpa: 0x3ffe,
+                len: 4
+            })
+        );
+        // Every RAM frame is live; the model's allocator is not there.
+        assert!(m.is_live(3) && !m.is_live(4));
+        assert_eq!(m.alloc_pages(1), None);
+        m.free_pages(&[1, 99]);
+        assert!(m.violations().is_empty());
+        assert_eq!(m.live_pages(), 0);
+        // Pins are counted per frame and refused outside RAM.
+        m.pin(&[1, 2]).unwrap();
+        m.pin(&[2]).unwrap();
+        assert_eq!(m.pin(&[3, 4]), Err(4));
+        assert_eq!(m.pinned_pages(), 3);
+        m.unpin(&[1, 2, 2, 7]);
+        assert_eq!(m.pinned_pages(), 0);
+        assert!(format!("{m:?}").contains("ram_bytes"));
     }
 }

@@ -419,7 +419,7 @@ impl NetvscNic {
         let pending = Rc::new(Pending::default());
         self.rndis.borrow_mut().insert(req_id, pending.clone());
         let result = async {
-            let mut buf = vec![0u8; 512];
+            let mut buf = vec![0u8; 2048];
             let len = msg
                 .encode(&mut buf)
                 .map_err(|_| NetvscError::BadReply("encode"))?;

@@ -47,8 +47,9 @@ pub struct QueueStats {
     pub tx_errors: u64,
 }
 
-/// One network interface card as the network side sees it.
-pub trait Nic {
+/// One network interface card as the network side sees it. (`Any` lets diagnostics and
+/// tests reach the driver's own type by upcasting an `Rc<dyn Nic>` to `Rc<dyn Any>`.)
+pub trait Nic: core::any::Any {
     /// Stable identity for logs and the status endpoint (netvsc: the VMBus instance GUID).
     fn id(&self) -> alloc::string::String;
     /// The permanent MAC address.

@@ -1,0 +1,641 @@
+//! netvsc against hvemu's netvsp under the deterministic scheduler: bring-up on every
+//! NVSP version, multi-queue with RSS, several NICs hot-added at once, hot-remove under
+//! traffic, sub-channel loss, hosts granting fewer or more queues than asked, hostile host
+//! input, and add/remove cycles that must return every byte.
+
+mod support;
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use hvemu::netvsp::{NetvspConfig, NetvspFaults, NetvspHandle};
+use hvnet_netvsc::nic::{Nic, NicError};
+use hvnet_netvsc::NetvscConfig;
+use hvnet_runtime::sim::{Config, Simulation};
+use hvnet_runtime::testing::check_seeds;
+use hvnet_runtime::{Duration, Handle};
+use support::*;
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+fn sim(seed: u64) -> Simulation {
+    Simulation::with_config(
+        seed,
+        Config {
+            max_virtual_time: std::time::Duration::from_secs(600),
+            ..Config::default()
+        },
+    )
+}
+
+type Res = Result<(), String>;
+
+fn ensure(cond: bool, what: impl FnOnce() -> String) -> Res {
+    if cond {
+        Ok(())
+    } else {
+        Err(what())
+    }
+}
+
+/// Receives frames until `n` arrived or `limit` passed.
+async fn receive_n(h: &Handle, nic: &Rc<dyn Nic>, n: usize, limit: Duration) -> Vec<Vec<u8>> {
+    let deadline = h.now().saturating_add(limit);
+    let mut got = Vec::new();
+    loop {
+        nic.receive(usize::MAX, &mut |f| got.push(f.to_vec()));
+        if got.len() >= n || h.now() >= deadline {
+            return got;
+        }
+        let _ = h.timeout_at(deadline, nic.changed()).await;
+    }
+}
+
+/// Sends every frame, waiting for room on `Busy`; returns the first other error.
+async fn transmit_all(h: &Handle, nic: &Rc<dyn Nic>, frames: &[Vec<u8>]) -> Result<(), NicError> {
+    for f in frames {
+        loop {
+            match nic.transmit(f.len(), &mut |dst| dst.copy_from_slice(f)) {
+                Ok(()) => break,
+                Err(NicError::Busy) => {
+                    // Completions are reaped by the receive path.
+                    nic.receive(usize::MAX, &mut |_| {});
+                    let _ = h.timeout(Duration::from_millis(10), nic.changed()).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every send section is back (all sends completed).
+async fn wait_sends_completed(h: &Handle, nic: &Rc<dyn Nic>, total: usize) -> Res {
+    let netvsc = as_netvsc(nic);
+    for _ in 0..1000 {
+        nic.receive(usize::MAX, &mut |_| {});
+        if netvsc.free_send_sections() == total {
+            return Ok(());
+        }
+        h.sleep(Duration::from_micros(200)).await;
+    }
+    Err(format!(
+        "{} of {total} send sections free after 200 ms",
+        netvsc.free_send_sections()
+    ))
+}
+
+fn frames_for(m: [u8; 6], count: u16, len: usize) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|i| udp_frame(m, 1000 + i, len, i as u8))
+        .collect()
+}
+
+/// Checks both directions on `nic`: `count` frames in from the host (all delivered,
+/// content intact) and `count` frames out (all reach the host intact, all sections
+/// come back).
+async fn exchange(h: &Handle, nic: &Rc<dyn Nic>, nv: &NetvspHandle, count: u16) -> Res {
+    let sent = frames_for(nic.mac(), count, 100);
+    for f in &sent {
+        host_scope(|| nv.send_to_guest(f));
+    }
+    let got = receive_n(h, nic, sent.len(), Duration::from_secs(1)).await;
+    let mut want = sent.clone();
+    let mut have = got.clone();
+    want.sort();
+    have.sort();
+    ensure(want == have, || {
+        format!(
+            "received {} frames, wanted {} identical ones",
+            got.len(),
+            sent.len()
+        )
+    })?;
+    let total = as_netvsc(nic).free_send_sections();
+    transmit_all(h, nic, &sent)
+        .await
+        .map_err(|e| format!("transmit: {e:?}"))?;
+    wait_sends_completed(h, nic, total).await?;
+    let mut out = Vec::new();
+    while let Some(f) = host_scope(|| nv.take_from_guest()) {
+        out.push(f);
+    }
+    out.sort();
+    ensure(out == want, || {
+        format!("host got {} frames, wanted {}", out.len(), want.len())
+    })
+}
+
+fn world(h: &Handle, seed: u64) -> Rc<NetWorld> {
+    let w = Rc::new(net_world(h, seed, test_netvsc_config()));
+    spawn_host_pump(h, &w);
+    w
+}
+
+async fn first_nic(w: &NetWorld) -> Rc<dyn Nic> {
+    w.registry.registered.acquire(1).await;
+    let list = w.registry.lock.lock().await;
+    list.last().cloned().expect("registered")
+}
+
+fn assert_clean(w: &NetWorld) {
+    let host = w.host.borrow();
+    let v = host.violations();
+    assert!(v.is_empty(), "host recorded protocol violations: {v:#?}");
+    let mv = w.memory.violations();
+    assert!(mv.is_empty(), "guest-memory violations: {mv:#?}");
+}
+
+/// One NIC, eight queues: everything negotiated as the host expects, RSS spreads
+/// received flows over all queues, and both directions carry frames intact.
+#[test]
+fn one_nic_with_eight_queues_negotiates_and_spreads_traffic() {
+    check_seeds(20, |seed| {
+        let sim = sim(seed);
+        let h = sim.handle();
+        let w = world(&h, seed);
+        let w2 = w.clone();
+        let result = sim.run(async move {
+            let w = w2;
+            w.bus
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e:?}"))?;
+            let (_, nv) = add_nic(&w, 0, NetvspConfig::default());
+            let nic = first_nic(&w).await;
+            ensure(nic.queue_count() == 8, || {
+                format!("{} queues", nic.queue_count())
+            })?;
+            ensure(
+                nic.mac() == mac(0) && nic.link_up() && nic.mtu() == 1500,
+                || {
+                    format!(
+                        "mac {:?} link {} mtu {}",
+                        nic.mac(),
+                        nic.link_up(),
+                        nic.mtu()
+                    )
+                },
+            )?;
+            let st = host_scope(|| nv.state());
+            ensure(st.nvsp_version == Some(0x60001), || format!("{st:?}"))?;
+            ensure(st.ndis_version == Some((6, 30)), || format!("{st:?}"))?;
+            ensure(
+                st.queues_open.len() == 8 && st.subchannels_requested == 7,
+                || format!("{st:?}"),
+            )?;
+            ensure(st.packet_filter != 0 && st.rndis_initialized, || {
+                format!("{st:?}")
+            })?;
+            let rss = st.rss.clone().ok_or("no RSS parameters")?;
+            ensure(format!("{rss:?}").contains("table"), || format!("{rss:?}"))?;
+            // 256 flows: Toeplitz on the host must land some on every queue.
+            exchange(&h, &nic, &nv, 256).await?;
+            for q in 0..8 {
+                let s = nic.queue_stats(q);
+                ensure(s.rx_packets > 0, || {
+                    format!("queue {q} received nothing: {s:?}")
+                })?;
+            }
+            let tx_queues = (0..8)
+                .filter(|&q| nic.queue_stats(q).tx_packets > 0)
+                .count();
+            ensure(tx_queues > 1, || {
+                format!("all sends on {tx_queues} queue(s)")
+            })?;
+            let netvsc = as_netvsc(&nic);
+            ensure(netvsc.counters().send_tables == 1, || {
+                format!("{:?}", netvsc.counters())
+            })?;
+            ensure(netvsc.counters().malformed == 0, || {
+                format!("{:?}", netvsc.counters())
+            })?;
+            Ok::<_, String>(())
+        });
+        result.map_err(|e| e.to_string())??;
+        assert_clean(&w);
+        Ok::<_, String>(())
+    });
+}
+
+/// Hosts that stop at each NVSP version: the guest settles on that version, asks for
+/// sub-channels only from NVSP 5, and traffic flows.
+#[test]
+fn every_nvsp_version_host_works() {
+    for (version, queues) in [
+        (0x2, 1),
+        (0x30002, 1),
+        (0x40000, 1),
+        (0x50000, 8),
+        (0x60000, 8),
+        (0x60001, 8),
+    ] {
+        let seed = u64::from(version);
+        let sim = sim(seed);
+        let h = sim.handle();
+        let w = world(&h, seed);
+        let w2 = w.clone();
+        let result = sim.run(async move {
+            let w = w2;
+            w.bus
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e:?}"))?;
+            let config = NetvspConfig {
+                max_nvsp_version: version,
+                ..NetvspConfig::default()
+            };
+            let (_, nv) = add_nic(&w, 1, config);
+            let nic = first_nic(&w).await;
+            let st = host_scope(|| nv.state());
+            ensure(st.nvsp_version == Some(version), || {
+                format!("{version:#x}: {st:?}")
+            })?;
+            let ndis = if version > 0x40000 { (6, 30) } else { (6, 1) };
+            ensure(st.ndis_version == Some(ndis), || {
+                format!("{version:#x}: {st:?}")
+            })?;
+            ensure(nic.queue_count() == queues, || {
+                format!("NVSP {version:#x}: {} queues", nic.queue_count())
+            })?;
+            exchange(&h, &nic, &nv, 32).await
+        });
+        result
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+            .unwrap_or_else(|e| panic!("NVSP {version:#x}: {e}"));
+        assert_clean(&w);
+    }
+}
+
+/// The product's point: four multi-queue NICs hot-added at the same instant all come
+/// up with every queue, over many scheduler seeds, and all carry traffic.
+#[test]
+fn four_eight_queue_nics_hot_added_at_once() {
+    check_seeds(100, |seed| {
+        let sim = sim(seed);
+        let h = sim.handle();
+        let w = world(&h, seed);
+        let w2 = w.clone();
+        let result = sim.run(async move {
+            let w = w2;
+            w.bus
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e:?}"))?;
+            let handles: Vec<NetvspHandle> = (0..4)
+                .map(|n| add_nic(&w, n, NetvspConfig::default()).1)
+                .collect();
+            w.registry.registered.acquire(4).await;
+            let nics = w.registry.lock.lock().await.clone();
+            for (n, nv) in handles.iter().enumerate() {
+                let nic = nics
+                    .iter()
+                    .find(|x| x.mac() == mac(n as u32))
+                    .ok_or("missing NIC")?;
+                ensure(nic.queue_count() == 8, || {
+                    format!("NIC {n}: {} queues", nic.queue_count())
+                })?;
+                exchange(&h, nic, nv, 16).await?;
+            }
+            Ok::<_, String>(())
+        });
+        result.map_err(|e| e.to_string())??;
+        assert_clean(&w);
+        Ok::<_, String>(())
+    });
+}
+
+/// Hosts that refuse sub-channels, grant fewer, or grant more than asked: the NIC comes
+/// up with what it may use, never with channels it did not ask for.
+#[test]
+fn hosts_granting_other_queue_counts() {
+    let cases = [
+        (
+            "refused",
+            NetvspFaults {
+                refuse_subchannels: true,
+                ..NetvspFaults::default()
+            },
+            1,
+        ),
+        (
+            "three granted",
+            NetvspFaults {
+                max_subchannels: Some(3),
+                ..NetvspFaults::default()
+            },
+            4,
+        ),
+        (
+            "two extra",
+            NetvspFaults {
+                extra_subchannels: 2,
+                ..NetvspFaults::default()
+            },
+            8,
+        ),
+        (
+            "no send table",
+            NetvspFaults {
+                no_indirection_table: true,
+                ..NetvspFaults::default()
+            },
+            8,
+        ),
+    ];
+    for (name, faults, queues) in cases {
+        let sim = sim(7);
+        let h = sim.handle();
+        let w = world(&h, 7);
+        let w2 = w.clone();
+        let result = sim.run(async move {
+            let w = w2;
+            w.bus
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e:?}"))?;
+            let config = NetvspConfig {
+                faults,
+                max_queues: 10,
+                ..NetvspConfig::default()
+            };
+            let (_, nv) = add_nic(&w, 2, config);
+            let nic = first_nic(&w).await;
+            ensure(nic.queue_count() == queues, || {
+                format!("{} queues", nic.queue_count())
+            })?;
+            exchange(&h, &nic, &nv, 32).await
+        });
+        result
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_clean(&w);
+    }
+}
+
+/// A guest-side traffic loop: echoes every received frame back.
+fn spawn_echo(h: &Handle, nic: Rc<dyn Nic>, echoed: Rc<RefCell<u64>>) {
+    let h2 = h.clone();
+    h.spawn("echo", async move {
+        while !nic.is_removed() {
+            let mut frames = Vec::new();
+            nic.receive(64, &mut |f| frames.push(f.to_vec()));
+            for f in frames {
+                if nic
+                    .transmit(f.len(), &mut |d| d.copy_from_slice(&f))
+                    .is_ok()
+                {
+                    *echoed.borrow_mut() += 1;
+                }
+            }
+            let _ = h2.timeout(Duration::from_millis(5), nic.changed()).await;
+        }
+    });
+}
+
+/// A host-side traffic source: keeps sending frames to the NIC until told to stop.
+fn spawn_source(h: &Handle, nv: NetvspHandle, m: [u8; 6], stop: Rc<RefCell<bool>>) {
+    let h2 = h.clone();
+    h.spawn("source", async move {
+        let mut i: u16 = 0;
+        while !*stop.borrow() {
+            for _ in 0..8 {
+                let f = udp_frame(m, 2000 + (i % 512), 200, i as u8);
+                host_scope(|| nv.send_to_guest(&f));
+                i = i.wrapping_add(1);
+            }
+            h2.sleep(Duration::from_micros(300)).await;
+        }
+    });
+}
+
+/// Hot-remove while frames flow both ways, then the same NIC added again, many times:
+/// every task ends, and GPADLs, guest pages and heap return to the baseline.
+#[test]
+fn hot_remove_under_traffic_and_add_remove_cycles_leak_nothing() {
+    check_seeds(10, |seed| {
+        let sim = sim(seed);
+        let h = sim.handle();
+        let w = world(&h, seed);
+        let w2 = w.clone();
+        let h2 = h.clone();
+        let result = sim.run(async move {
+            let (w, h) = (w2, h2);
+            w.bus
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e:?}"))?;
+            let mut baseline = None;
+            for cycle in 0..20u32 {
+                let (dev, nv) = add_nic(&w, 3, NetvspConfig::default());
+                let nic = first_nic(&w).await;
+                let echoed = Rc::new(RefCell::new(0));
+                let stop = Rc::new(RefCell::new(false));
+                spawn_echo(&h, nic.clone(), echoed.clone());
+                spawn_source(&h, nv.clone(), nic.mac(), stop.clone());
+                // Let traffic run, then pull the NIC at a seed-dependent moment.
+                h.sleep(Duration::from_micros(500 + h.random_below(3000)))
+                    .await;
+                remove_nic(&w, dev);
+                w.registry.unregistered.acquire(1).await;
+                *stop.borrow_mut() = true;
+                w.bus.settle().await;
+                h.sleep(Duration::from_millis(20)).await;
+                ensure(nic.is_removed(), || "removed NIC still live".into())?;
+                ensure(*echoed.borrow() > 0 || cycle > 0, || {
+                    "no traffic before removal".into()
+                })?;
+                drop(nic);
+                drop(nv);
+                ensure(w.bus.live_gpadls() == 0, || {
+                    format!("cycle {cycle}: {} GPADLs live", w.bus.live_gpadls())
+                })?;
+                ensure(w.bus.live_relids().is_empty(), || {
+                    format!("relids {:?}", w.bus.live_relids())
+                })?;
+                let now = (heap_live(), w.memory.live_pages(), h.task_count());
+                eprintln!("cycle {cycle}: {now:?}");
+                // The first cycle warms caches (executor queues, bus tables).
+                match baseline {
+                    None if cycle >= 1 => baseline = Some(now),
+                    Some(b) if b != now => {
+                        return Err(format!(
+                            "cycle {cycle}: (heap, pages, tasks) {now:?} vs baseline {b:?}"
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            Ok::<_, String>(())
+        });
+        result.map_err(|e| e.to_string())??;
+        assert_clean(&w);
+        Ok::<_, String>(())
+    });
+}
+
+/// A sub-channel rescinded while the NIC stays: that queue goes, sends in flight on it
+/// are given back, the rest keep working.
+#[test]
+fn one_subchannel_rescinded_keeps_the_nic() {
+    check_seeds(20, |seed| {
+        let sim = sim(seed);
+        let h = sim.handle();
+        let w = world(&h, seed);
+        let w2 = w.clone();
+        let result = sim.run(async move {
+            let w = w2;
+            w.bus
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e:?}"))?;
+            let (dev, nv) = add_nic(&w, 4, NetvspConfig::default());
+            let nic = first_nic(&w).await;
+            exchange(&h, &nic, &nv, 32).await?;
+            let gone = host_scope(|| w.host.borrow_mut().rescind_subchannel(dev, 3));
+            ensure(gone, || "no sub-channel 3".into())?;
+            w.bus.settle().await;
+            h.sleep(Duration::from_millis(5)).await;
+            ensure(nic.queue_count() == 7, || {
+                format!("{} queues", nic.queue_count())
+            })?;
+            ensure(!as_netvsc(&nic).open_queues().contains(&3), || {
+                "queue 3 still open".into()
+            })?;
+            // The host now steers nothing to queue 3 (it is closed); traffic goes on.
+            exchange(&h, &nic, &nv, 64).await
+        });
+        result.map_err(|e| e.to_string())??;
+        assert_clean(&w);
+        Ok::<_, String>(())
+    });
+}
+
+/// Garbage from the host (in-band NVSP, RNDIS in receive sections, ranges outside the
+/// buffer, unknown RNDIS types, bad PPI offsets) is counted and dropped; the NIC works on.
+#[test]
+fn malformed_host_input_is_dropped_and_counted() {
+    let sim = sim(11);
+    let h = sim.handle();
+    let w = world(&h, 11);
+    let w2 = w.clone();
+    let result = sim.run(async move {
+        let w = w2;
+        w.bus
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e:?}"))?;
+        let (_, nv) = add_nic(&w, 5, NetvspConfig::default());
+        let nic = first_nic(&w).await;
+        let mut garbage: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
+        garbage.insert("empty", vec![]);
+        garbage.insert("short header", vec![1, 0]);
+        garbage.insert("unknown type", vec![0xff, 0, 0, 0, 0, 0, 0, 0]);
+        // SEND_INDIRECTION_TABLE with count 1000.
+        let mut table = vec![134, 0, 0, 0, 0xe8, 3, 0, 0, 12, 0, 0, 0];
+        table.resize(76, 0xff);
+        garbage.insert("bad send table", table);
+        for (name, g) in garbage.iter() {
+            host_scope(|| nv.inject_raw_nvsp(0, g));
+            let _ = receive_n(&h, &nic, usize::MAX, Duration::from_millis(2)).await;
+            eprintln!("{name}: {}", as_netvsc(&nic).counters().malformed);
+        }
+        let rndis: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![1, 0, 0, 0],
+            // PACKET claiming 4 GiB.
+            vec![1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0],
+            // PACKET with data offset past its end.
+            {
+                let mut p = vec![0u8; 44];
+                p[0] = 1;
+                p[4] = 44;
+                p[8] = 200;
+                p[12] = 10;
+                p
+            },
+            // PACKET with a PPI region running out of the message.
+            {
+                let mut p = vec![0u8; 60];
+                p[0] = 1;
+                p[4] = 60;
+                p[8] = 36;
+                p[12] = 16;
+                p[28] = 36;
+                p[32] = 100;
+                p
+            },
+            // QUERY_CMPLT for a request nobody made.
+            vec![
+                4, 0, 0x80, 0x80, 24, 0, 0, 0, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            ],
+        ];
+        for r in &rndis {
+            host_scope(|| nv.inject_raw_rndis(0, r));
+            let _ = receive_n(&h, &nic, usize::MAX, Duration::from_millis(2)).await;
+            eprintln!(
+                "rndis {}: {}",
+                r.len(),
+                as_netvsc(&nic).counters().malformed
+            );
+        }
+        host_scope(|| nv.inject_bad_xfer(0, u32::MAX - 10, 100));
+        host_scope(|| nv.inject_bad_xfer(0, 0, 1 << 30));
+        // Let it all arrive and be processed.
+        let _ = receive_n(&h, &nic, usize::MAX, Duration::from_millis(20)).await;
+        let malformed = as_netvsc(&nic).counters().malformed;
+        let expected = (garbage.len() + rndis.len() + 2) as u64;
+        ensure(malformed >= expected, || {
+            format!("{malformed} malformed counted, {expected} injected")
+        })?;
+        exchange(&h, &nic, &nv, 64).await
+    });
+    result.map_err(|e| e.to_string()).and_then(|r| r).unwrap();
+}
+
+/// A host that never answers NVSP INIT: the probe gives up after its timeout, the
+/// channel is released, and nothing is registered.
+#[test]
+fn silent_host_times_out_the_probe() {
+    let sim = sim(5);
+    let h = sim.handle();
+    let config = NetvscConfig {
+        reply_timeout: Duration::from_millis(50),
+        ..test_netvsc_config()
+    };
+    let w = Rc::new(net_world(&h, 5, config));
+    let w2 = w.clone();
+    let result = sim.run(async move {
+        let w = w2;
+        w.bus
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e:?}"))?;
+        // A class-matching device whose back end is the sub-channel test device: it
+        // answers no NVSP at all.
+        let spec = hvemu::DeviceSpec::new(
+            zerocopy::transmute!(hvnet_wire::vmbus::HV_NIC_GUID),
+            instance(9),
+            Box::new(hvemu::SubchannelTestDevice::new(0)),
+        );
+        host_scope(|| w.host.borrow_mut().add_device(spec));
+        w.bus.settle().await;
+        let h2 = w.bus.handle().clone();
+        h2.sleep(Duration::from_millis(200)).await;
+        w.bus.settle().await;
+        ensure(w.bus.stats().probes_failed == 1, || {
+            format!("{:?}", w.bus.stats())
+        })?;
+        ensure(w.registry.lock.lock().await.is_empty(), || {
+            "registered".into()
+        })?;
+        ensure(w.bus.live_gpadls() == 0, || {
+            format!("{} GPADLs", w.bus.live_gpadls())
+        })
+    });
+    result.map_err(|e| e.to_string()).and_then(|r| r).unwrap();
+}
