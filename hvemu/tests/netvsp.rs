@@ -1238,6 +1238,11 @@ fn hostile_guest_is_counted_not_fatal() {
         RndisMessage::KeepaliveComplete(_)
     ));
     assert_eq!(mal(&h), 17);
+    // Nine packets in one section: over the advertised 8, counted, still sent.
+    let frames: Vec<Vec<u8>> = (0..9).map(|i| frame_to([0xff; 6], i)).collect();
+    assert_eq!(w.transmit_section(0, 2, &frames), 1);
+    assert_eq!(std::iter::from_fn(|| h.take_from_guest()).count(), 9);
+    assert_eq!(mal(&h), 18);
     // None of this was a VMBus-level violation.
     assert_eq!(w.violations(), 0, "{:?}", w.g.host.violations());
 }

@@ -46,6 +46,13 @@ use smoltcp::time::Instant as NetInstant;
 /// Length of an Ethernet header (destination, source, EtherType); no VLAN tag, no FCS.
 pub const ETHERNET_HEADER_LEN: usize = 14;
 
+/// Smallest IP MTU the device reports to smoltcp (the datagram size every IPv4 host
+/// must accept, RFC 791); a NIC claiming less is not believed.
+pub const MIN_IP_MTU: usize = 576;
+
+/// Largest IP MTU the device reports (an IPv4 datagram's maximum length).
+pub const MAX_IP_MTU: usize = 65535;
+
 /// Frames one poll may take from the NIC before the interface task yields, so one busy
 /// NIC cannot keep the executor from its other tasks.
 pub const DEFAULT_RX_BUDGET: usize = 64;
@@ -252,7 +259,9 @@ impl Device for NicDevice {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         // smoltcp's MTU for Ethernet counts the Ethernet header; the NIC's is the IP MTU.
-        caps.max_transmission_unit = self.nic.mtu().saturating_add(ETHERNET_HEADER_LEN);
+        // Clamped: smoltcp subtracts header lengths from it without checks.
+        let mtu = self.nic.mtu().clamp(MIN_IP_MTU, MAX_IP_MTU);
+        caps.max_transmission_unit = mtu + ETHERNET_HEADER_LEN;
         caps.max_burst_size = self.max_burst;
         caps
     }
@@ -337,5 +346,205 @@ impl phy::TxToken for NicTxToken<'_> {
             (None, Some(f)) => device.with_scratch(len, f),
             (None, None) => unreachable!("transmit closure taken without an output"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::boxed::Box;
+    use alloc::collections::VecDeque;
+    use alloc::string::String;
+    use alloc::vec;
+    use core::future::ready;
+    use hvnet_netvsc::nic::{NicFuture, QueueStats};
+    use smoltcp::phy::{RxToken as _, TxToken as _};
+
+    /// A scripted NIC: frames to deliver, a verdict for sends, and a record of both.
+    #[derive(Default)]
+    struct Script {
+        rx: RefCell<VecDeque<Vec<u8>>>,
+        sent: RefCell<Vec<Vec<u8>>>,
+        refuse: Cell<Option<NicError>>,
+        full: Cell<bool>,
+        link_down: Cell<bool>,
+        delivering: Cell<bool>,
+        reentered: Cell<u32>,
+        /// Deliver this many frames per call whatever the budget (a buggy driver).
+        greedy: Cell<usize>,
+    }
+
+    impl Nic for Script {
+        fn id(&self) -> String {
+            String::from("script")
+        }
+        fn mac(&self) -> [u8; 6] {
+            [2, 0, 0, 0, 0, 1]
+        }
+        fn mtu(&self) -> usize {
+            1500
+        }
+        fn link_up(&self) -> bool {
+            !self.link_down.get()
+        }
+        fn is_removed(&self) -> bool {
+            false
+        }
+        fn queue_count(&self) -> usize {
+            1
+        }
+        fn receive(&self, budget: usize, deliver: &mut dyn FnMut(&[u8])) -> usize {
+            let budget = budget.max(self.greedy.get());
+            let mut n = 0;
+            while n < budget {
+                let Some(frame) = self.rx.borrow_mut().pop_front() else {
+                    break;
+                };
+                self.delivering.set(true);
+                deliver(&frame);
+                self.delivering.set(false);
+                n += 1;
+            }
+            n
+        }
+        fn transmit(&self, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> Result<(), NicError> {
+            if self.delivering.get() {
+                self.reentered.set(self.reentered.get() + 1);
+            }
+            if let Some(error) = self.refuse.get() {
+                return Err(error);
+            }
+            let mut frame = vec![0; len];
+            fill(&mut frame);
+            self.sent.borrow_mut().push(frame);
+            Ok(())
+        }
+        fn can_transmit(&self) -> bool {
+            !self.full.get()
+        }
+        fn changed(&self) -> NicFuture<'_> {
+            Box::pin(ready(()))
+        }
+        fn queue_stats(&self, _queue: usize) -> QueueStats {
+            QueueStats::default()
+        }
+    }
+
+    fn device(frames: &[&[u8]]) -> (Rc<Script>, NicDevice) {
+        let script = Rc::new(Script::default());
+        script
+            .rx
+            .borrow_mut()
+            .extend(frames.iter().map(|f| f.to_vec()));
+        let nic: Rc<dyn Nic> = script.clone();
+        (script, NicDevice::new(nic, None))
+    }
+
+    const T: NetInstant = NetInstant::ZERO;
+
+    #[test]
+    fn frames_are_handed_over_in_place_then_the_device_is_exhausted() {
+        let (_, mut dev) = device(&[b"first", b"second"]);
+        dev.begin_poll();
+        let mut seen = Vec::new();
+        while let Some((rx, _tx)) = dev.receive(T) {
+            seen.push(rx.consume(|frame| frame.to_vec()));
+        }
+        assert_eq!(seen, [b"first".to_vec(), b"second".to_vec(), Vec::new()]);
+        assert!(!dev.rx_budget_spent());
+        assert_eq!(dev.stats().rx_frames, 2);
+        assert_eq!(dev.stats().rx_bytes, 11);
+        // A new poll asks the NIC again.
+        dev.begin_poll();
+        assert!(dev.receive(T).is_some());
+    }
+
+    #[test]
+    fn the_budget_bounds_a_poll() {
+        let frames: Vec<&[u8]> = vec![b"x"; 5];
+        let (_, mut dev) = device(&frames);
+        dev.set_rx_budget(3);
+        dev.begin_poll();
+        let mut n = 0;
+        while let Some((rx, _)) = dev.receive(T) {
+            rx.consume(|_| ());
+            n += 1;
+        }
+        assert_eq!(n, 3);
+        assert!(dev.rx_budget_spent());
+    }
+
+    #[test]
+    fn a_reply_is_sent_after_the_receive_returns() {
+        let (script, mut dev) = device(&[b"request"]);
+        dev.begin_poll();
+        let (rx, tx) = dev.receive(T).expect("token");
+        let got = rx.consume(|frame| {
+            tx.consume(frame.len(), |out| out.copy_from_slice(frame));
+            frame.len()
+        });
+        assert_eq!(got, 7);
+        assert_eq!(script.reentered.get(), 0);
+        assert_eq!(*script.sent.borrow(), [b"request".to_vec()]);
+        assert_eq!(dev.stats().tx_replies, 1);
+        assert_eq!(dev.stats().tx_frames, 1);
+    }
+
+    #[test]
+    fn a_full_nic_gives_no_token_but_a_link_down_one_drops() {
+        let (script, mut dev) = device(&[]);
+        dev.begin_poll();
+        script.full.set(true);
+        assert!(dev.transmit(T).is_none());
+        assert!(dev.tx_blocked());
+        assert_eq!(dev.stats().tx_blocked, 1);
+
+        script.link_down.set(true);
+        script.refuse.set(Some(NicError::LinkDown));
+        let token = dev.transmit(T).expect("a token while the link is down");
+        // The closure runs even though nothing is sent (smoltcp needs its result).
+        assert_eq!(token.consume(60, |buf| buf.len()), 60);
+        assert_eq!(dev.stats().tx_dropped_link_down, 1);
+        assert!(script.sent.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_refused_send_is_counted_by_reason() {
+        let (script, mut dev) = device(&[]);
+        dev.begin_poll();
+        for error in [NicError::Busy, NicError::TooLong, NicError::Removed] {
+            script.refuse.set(Some(error));
+            dev.transmit(T).expect("token").consume(64, |_| ());
+        }
+        let stats = dev.stats();
+        assert_eq!(
+            (
+                stats.tx_dropped_busy,
+                stats.tx_dropped_too_long,
+                stats.tx_dropped_removed
+            ),
+            (1, 1, 1)
+        );
+        assert_eq!(stats.tx_dropped(), 3);
+        assert_eq!(stats.tx_frames, 0);
+    }
+
+    #[test]
+    fn frames_beyond_the_budget_are_counted_not_lost_silently() {
+        let (script, mut dev) = device(&[b"a", b"b", b"c"]);
+        script.greedy.set(3);
+        dev.begin_poll();
+        let (rx, _) = dev.receive(T).expect("token");
+        assert_eq!(rx.consume(|f| f.to_vec()), b"a");
+        assert_eq!(dev.stats().rx_over_budget, 2);
+    }
+
+    #[test]
+    fn capabilities_count_the_ethernet_header() {
+        let (_, dev) = device(&[]);
+        let caps = dev.capabilities();
+        assert_eq!(caps.medium, Medium::Ethernet);
+        assert_eq!(caps.max_transmission_unit, 1514);
+        assert_eq!(caps.max_burst_size, None);
     }
 }

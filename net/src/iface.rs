@@ -32,7 +32,7 @@ use smoltcp::socket::dhcpv4;
 use smoltcp::time::{Duration as NetDuration, Instant as NetInstant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
 
-use crate::device::{DeviceStats, NicDevice, DEFAULT_RX_BUDGET};
+use crate::device::{DeviceStats, NicDevice, DEFAULT_RX_BUDGET, MAX_IP_MTU, MIN_IP_MTU};
 use crate::services::echo::{EchoConfig, EchoCounters, EchoServer};
 use crate::services::status::{StatusConfig, StatusCounters, StatusServer, StatusSource};
 
@@ -154,7 +154,7 @@ impl Interface {
     ) -> Self {
         let name = name.into();
         let mac = nic.mac();
-        let mtu = nic.mtu();
+        let mtu = nic.mtu().clamp(MIN_IP_MTU, MAX_IP_MTU);
         let link_up = nic.link_up();
         let mut device = NicDevice::new(nic, config.max_burst);
         device.set_rx_budget(config.rx_budget);

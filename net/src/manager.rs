@@ -33,6 +33,7 @@ use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::rc::{Rc, Weak};
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 use core::fmt;
@@ -359,11 +360,24 @@ impl StatusSource for Shared {
 
 /// The network side's [`NicRegistry`]. Cheap to clone (all clones are one manager).
 ///
-/// ```ignore
-/// let manager = InterfaceManager::new(handle.clone(), ManagerConfig::default());
-/// // a driver's probe, holding the lock:
-/// let mut table = manager.config_lock().lock().await;
-/// manager.register(&mut table, nic);
+/// The appliance creates one and hands clones to its NIC drivers:
+///
+/// ```
+/// use hvnet_net::{InterfaceManager, ManagerConfig};
+/// use hvnet_netvsc::nic::NicRegistry;
+/// use hvnet_runtime::sim::Simulation;
+///
+/// let sim = Simulation::new(1);
+/// let manager = InterfaceManager::new(sim.handle(), ManagerConfig::default());
+/// let registry = manager.clone(); // what a NIC driver keeps
+/// sim.run(async move {
+///     // A probe takes the lock, brings its NIC up, then calls
+///     // `registry.register(&mut table, nic)` before letting go.
+///     let table = registry.config_lock().lock().await;
+///     assert!(table.is_empty());
+/// })
+/// .unwrap();
+/// assert!(manager.snapshot().interfaces.is_empty());
 /// ```
 #[derive(Clone)]
 pub struct InterfaceManager {
@@ -533,7 +547,8 @@ async fn serve(shared: Weak<Shared>, mut interface: Interface, stop: Rc<Event>, 
     };
     // Address changes applied to smoltcp but not yet recorded in the table.
     let mut unrecorded: Vec<InterfaceEvent> = Vec::new();
-    let reason = format!("{name}: NIC, smoltcp timer or unregister");
+    // Made once: the loop hands out clones of the `Arc`, not new strings.
+    let reason: Arc<str> = Arc::from(format!("{name}: NIC, smoltcp timer or unregister"));
     let mut wakes = (0u64, 0u64);
     loop {
         if stop.is_set() {

@@ -827,6 +827,17 @@ impl Inner {
             );
             status = NvspStatus::INVALID_RNDIS_PKT;
         }
+        if s.data > rndis::MAX_PACKETS_PER_MESSAGE as usize {
+            // INITIALIZE_CMPLT told the guest the limit; the frames still go out.
+            self.bad(
+                q,
+                format!(
+                    "{} packets in one send; the host allows {}",
+                    s.data,
+                    rndis::MAX_PACKETS_PER_MESSAGE
+                ),
+            );
+        }
         (status, s)
     }
 

@@ -146,7 +146,7 @@ fn check_header_line(line: &[u8]) -> Result<(), Head<'static>> {
     if name.is_empty() || !name.iter().copied().all(is_tchar) {
         return Err(Head::Invalid("bad header name"));
     }
-    if line[colon + 1..].iter().any(|&b| b == b'\r') {
+    if line[colon + 1..].contains(&b'\r') {
         return Err(Head::Invalid("stray CR in header"));
     }
     Ok(())

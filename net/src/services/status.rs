@@ -247,8 +247,9 @@ impl StatusServer {
                     tcp::SocketBuffer::new(vec![0; config.rx_buffer]),
                     tcp::SocketBuffer::new(vec![0; config.tx_buffer]),
                 );
-                // A peer that stops acknowledging is dropped by smoltcp after this.
-                socket.set_timeout(Some(to_net_duration(CLOSE_TIMEOUT)));
+                // smoltcp resets a connection silent for this long: a backstop behind
+                // the server's own deadlines, which answer 408 first.
+                socket.set_timeout(Some(to_net_duration(REQUEST_TIMEOUT + CLOSE_TIMEOUT)));
                 Connection {
                     handle: sockets.add(socket),
                     phase: Phase::Idle,
@@ -517,5 +518,171 @@ mod tests {
                 assert!(text.contains("Connection: close"));
             }
         }
+    }
+
+    /// The server on a smoltcp loopback interface, with clients on the same interface:
+    /// the socket life cycle (accept, respond, close, listen again, timeouts) without
+    /// a simulation.
+    struct Bench {
+        iface: smoltcp::iface::Interface,
+        device: smoltcp::phy::Loopback,
+        sockets: SocketSet<'static>,
+        server: StatusServer,
+        now: Instant,
+        next_port: u16,
+    }
+
+    impl Bench {
+        fn new() -> Self {
+            use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+            let mut device = smoltcp::phy::Loopback::new(smoltcp::phy::Medium::Ethernet);
+            let config = smoltcp::iface::Config::new(HardwareAddress::Ethernet(EthernetAddress([
+                2, 0, 0, 0, 0, 1,
+            ])));
+            let mut iface =
+                smoltcp::iface::Interface::new(config, &mut device, smoltcp::time::Instant::ZERO);
+            iface.update_ip_addrs(|addrs| {
+                let _ = addrs.push(IpCidr::new(IpAddress::v4(127, 0, 0, 1), 8));
+            });
+            let mut sockets = SocketSet::new(vec![]);
+            let server = StatusServer::new(&StatusConfig::default(), &mut sockets);
+            Bench {
+                iface,
+                device,
+                sockets,
+                server,
+                now: Instant::ZERO,
+                next_port: 40000,
+            }
+        }
+
+        /// Runs the interface and the server until the loopback is quiet.
+        fn run(&mut self) {
+            let source = Fixed(sample());
+            for _ in 0..50 {
+                let now = crate::iface::to_net_instant(self.now);
+                self.iface.poll(now, &mut self.device, &mut self.sockets);
+                self.server.poll(self.now, &mut self.sockets, &source);
+                self.iface.poll(now, &mut self.device, &mut self.sockets);
+                self.now += Duration::from_micros(100);
+            }
+        }
+
+        fn connect(&mut self) -> SocketHandle {
+            use smoltcp::wire::IpAddress;
+            let mut socket = tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0; 4096]),
+                tcp::SocketBuffer::new(vec![0; 16384]),
+            );
+            self.next_port += 1;
+            socket
+                .connect(
+                    self.iface.context(),
+                    (IpAddress::v4(127, 0, 0, 1), 80),
+                    self.next_port,
+                )
+                .expect("connect");
+            let handle = self.sockets.add(socket);
+            self.run();
+            handle
+        }
+
+        fn send(&mut self, client: SocketHandle, bytes: &[u8]) {
+            let socket = self.sockets.get_mut::<tcp::Socket>(client);
+            assert_eq!(socket.send_slice(bytes), Ok(bytes.len()));
+            self.run();
+        }
+
+        /// Sends `request`, lets the server answer, closes: returns the response.
+        fn exchange(&mut self, request: &[u8]) -> Vec<u8> {
+            let client = self.connect();
+            self.send(client, request);
+            let response = self.drain(client);
+            self.finish(client);
+            response
+        }
+
+        fn drain(&mut self, client: SocketHandle) -> Vec<u8> {
+            let socket = self.sockets.get_mut::<tcp::Socket>(client);
+            let mut data = vec![0; socket.recv_queue()];
+            let n = socket.recv_slice(&mut data).unwrap_or(0);
+            data.truncate(n);
+            data
+        }
+
+        fn finish(&mut self, client: SocketHandle) {
+            self.sockets.get_mut::<tcp::Socket>(client).close();
+            self.run();
+            self.sockets.remove(client);
+        }
+
+        fn listening(&self) -> usize {
+            self.server
+                .connections
+                .iter()
+                .filter(|c| self.sockets.get::<tcp::Socket>(c.handle).is_listening())
+                .count()
+        }
+    }
+
+    fn status_line(response: &[u8]) -> &str {
+        let text = core::str::from_utf8(response).unwrap_or("");
+        text.lines().next().unwrap_or("")
+    }
+
+    #[test]
+    fn sockets_listen_again_after_each_response() {
+        let mut bench = Bench::new();
+        for round in 0..10 {
+            let response = bench.exchange(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n");
+            assert_eq!(status_line(&response), "HTTP/1.1 200 OK", "round {round}");
+            let text = core::str::from_utf8(&response).unwrap();
+            assert!(text.ends_with(&status_json(&sample())), "round {round}");
+        }
+        assert_eq!(bench.listening(), StatusConfig::default().sockets);
+        assert_eq!(bench.server.counters().ok, 10);
+    }
+
+    #[test]
+    fn errors_over_a_connection() {
+        let mut bench = Bench::new();
+        let cases: [(&[u8], &str); 4] = [
+            (
+                b"POST / HTTP/1.1\r\n\r\n",
+                "HTTP/1.1 405 Method Not Allowed",
+            ),
+            (b"\x16\x03\x01\x00\xa5\x01", "HTTP/1.1 400 Bad Request"),
+            (b"GET /x HTTP/1.1\r\n\r\n", "HTTP/1.1 404 Not Found"),
+            (b"GET / HTTP/1.1\r\n\r\n", "HTTP/1.1 200 OK"),
+        ];
+        for (request, expected) in cases {
+            assert_eq!(status_line(&bench.exchange(request)), expected);
+        }
+        let mut long = b"GET / HTTP/1.1\r\n".to_vec();
+        long.resize(MAX_REQUEST_HEAD + 100, b'a');
+        assert_eq!(
+            status_line(&bench.exchange(&long)),
+            "HTTP/1.1 431 Request Header Fields Too Large"
+        );
+        assert_eq!(bench.listening(), StatusConfig::default().sockets);
+    }
+
+    #[test]
+    fn a_silent_client_gets_408_and_a_lingering_one_is_cut_off() {
+        let mut bench = Bench::new();
+        let silent = bench.connect();
+        bench.now += REQUEST_TIMEOUT;
+        bench.run();
+        assert_eq!(
+            status_line(&bench.drain(silent)),
+            "HTTP/1.1 408 Request Timeout"
+        );
+        // The client never closes: the server gives up after CLOSE_TIMEOUT.
+        bench.now += CLOSE_TIMEOUT;
+        bench.run();
+        bench.run();
+        assert_eq!(bench.listening(), StatusConfig::default().sockets);
+        assert_eq!(bench.server.counters().errors, 1);
+        assert_eq!(bench.server.counters().timeouts, 1);
     }
 }

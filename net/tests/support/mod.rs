@@ -396,12 +396,15 @@ impl Endpoint for NicPort {
 // ---------------------------------------------------------------------------------------
 // The wire and the world.
 
+/// A fake NIC and its port on the hub.
+type Plug = (Rc<FakeNic>, Rc<RefCell<NicPort>>);
+
 /// A hub with peers and fake NICs on it, driven by a task of the simulation.
 pub struct Wire {
     pub hub: RefCell<Hub>,
     /// Set by NICs when they send: wakes the wire task.
     pub activity: Rc<Event>,
-    ports: RefCell<Vec<(Rc<FakeNic>, Rc<RefCell<NicPort>>)>>,
+    ports: RefCell<Vec<Plug>>,
 }
 
 impl Wire {
@@ -599,8 +602,8 @@ pub async fn with_table<R>(manager: &InterfaceManager, f: impl FnOnce(&Interface
     f(&table)
 }
 
-/// Waits (in virtual time, checking every 10 ms) until `condition` holds; `Err` after
-/// `limit`.
+/// Waits (in virtual time, checking every millisecond) until `condition` holds; `Err`
+/// after `limit`.
 pub async fn wait_until(
     handle: &Handle,
     limit: Duration,
@@ -615,7 +618,7 @@ pub async fn wait_until(
         if handle.now() >= deadline {
             return Err(format!("timed out after {limit:?} waiting for {what}"));
         }
-        handle.sleep(Duration::from_millis(10)).await;
+        handle.sleep(Duration::from_millis(1)).await;
     }
 }
 

@@ -112,15 +112,19 @@ pub fn mac(n: u32) -> [u8; 6] {
 
 /// Hot-adds a netvsp NIC.
 pub fn add_nic(w: &NetWorld, n: u32, config: NetvspConfig) -> (DeviceId, NetvspHandle) {
-    let dev = Netvsp::new(NetvspConfig {
-        mac: mac(n),
-        ..config
-    });
-    let handle = dev.handle();
-    let id = host_scope(|| {
-        w.host
+    // Host objects are built (and later dropped) as host code, so the guest heap
+    // accounting sees only the guest.
+    let (id, handle) = host_scope(|| {
+        let dev = Netvsp::new(NetvspConfig {
+            mac: mac(n),
+            ..config
+        });
+        let handle = dev.handle();
+        let id = w
+            .host
             .borrow_mut()
-            .add_device(dev.into_device_spec(instance(n)))
+            .add_device(dev.into_device_spec(instance(n)));
+        (id, handle)
     });
     w.devices.borrow_mut().push(id);
     (id, handle)
