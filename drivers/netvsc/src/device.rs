@@ -111,9 +111,19 @@ impl From<NetvscError> for ChannelError {
     }
 }
 
-/// Where received frames go: the network side's callback, or nowhere before the NIC is
-/// registered (frames are then dropped and counted).
-type Deliver<'a> = Option<&'a mut dyn FnMut(&[u8])>;
+/// Where received frames go.
+enum Sink<'a> {
+    /// The network side's callback (its `receive`).
+    Deliver(&'a mut dyn FnMut(&[u8])),
+    /// The NIC's backlog: a sender is digging for send completions that sit behind
+    /// received frames; the frames wait there for the next `receive`.
+    Stash,
+    /// Nowhere: the NIC is not registered yet; frames are dropped and counted.
+    Drop,
+}
+
+/// Frames the backlog holds; past it the rings are left alone (the host queues).
+const BACKLOG_FRAMES: usize = 256;
 
 /// Driver-wide counters of one NIC (queue counters are in [`QueueStats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -195,6 +205,9 @@ pub struct NetvscNic {
     packet_scratch: RefCell<Vec<u8>>,
     tx_scratch: RefCell<Vec<u8>>,
     rx_cursor: Cell<usize>,
+    /// Frames taken off the rings while looking for send completions, oldest first, with
+    /// their queue.
+    backlog: RefCell<VecDeque<(u16, Vec<u8>)>>,
     /// Bumped on every change the network side must look at (link, send room, removal).
     generation: Cell<u64>,
     seen_generation: Cell<u64>,
@@ -231,6 +244,7 @@ impl NetvscNic {
             packet_scratch: RefCell::new(vec![0; 4096]),
             tx_scratch: RefCell::new(Vec::new()),
             rx_cursor: Cell::new(0),
+            backlog: RefCell::new(VecDeque::new()),
             generation: Cell::new(0),
             seen_generation: Cell::new(0),
             events: WaitQueue::named("netvsc nic event"),
@@ -363,6 +377,7 @@ impl NetvscNic {
         }
         self.recv.borrow_mut().take();
         self.send.borrow_mut().take();
+        self.backlog.borrow_mut().clear();
         self.control.borrow_mut().clear();
         self.rndis.borrow_mut().clear();
         self.bump();
@@ -468,7 +483,7 @@ impl NetvscNic {
         let deadline = self.handle.now().saturating_add(self.config.reply_timeout);
         loop {
             if let Some(primary) = self.primary() {
-                self.poll_queue(&primary, &mut None, usize::MAX)?;
+                self.poll_queue(&primary, &mut Sink::Drop, usize::MAX)?;
             }
             if done() {
                 return Ok(());
@@ -523,13 +538,13 @@ impl NetvscNic {
     // Packet processing.
 
     /// Processes what the host wrote to `queue`: completions, in-band messages and
-    /// received RNDIS messages. Data frames go to `deliver` (dropped and counted when
-    /// there is none, i.e. before the NIC is registered); at most `budget` are taken.
-    /// Returns the number of frames delivered.
+    /// received RNDIS messages. Data frames go to `sink`; at most `budget` are
+    /// delivered, and stashing stops when the backlog is full. Returns the number of
+    /// frames delivered.
     fn poll_queue(
         &self,
         queue: &Queue,
-        deliver: &mut Deliver<'_>,
+        sink: &mut Sink<'_>,
         budget: usize,
     ) -> Result<usize, NetvscError> {
         let ring = queue.channel.ring();
@@ -541,6 +556,9 @@ impl NetvscNic {
         let mut delivered = 0;
         let mut scratch = self.packet_scratch.borrow_mut();
         while delivered < budget {
+            if matches!(sink, Sink::Stash) && self.backlog.borrow().len() >= BACKLOG_FRAMES {
+                break;
+            }
             match ring.read_packet(&mut scratch) {
                 Ok(None) => break,
                 Ok(Some(packet)) => {
@@ -557,7 +575,7 @@ impl NetvscNic {
                                 header,
                                 ranges,
                                 packet.payload,
-                                deliver,
+                                sink,
                             )
                         }
                         PacketKind::GpaDirect { .. } => {
@@ -587,6 +605,22 @@ impl NetvscNic {
             queue.channel.signal_host();
         }
         Ok(delivered)
+    }
+
+    /// Frees send sections for a sender that is not receiving: reads every queue's ring
+    /// for completions, stashing the frames in front of them in the backlog (bounded)
+    /// for the next `receive` instead of dropping them.
+    fn reap_completions(&self) {
+        // Inside the network side's `deliver` callback the receive path is running
+        // already; it takes the completions itself once the callback returns.
+        if self.packet_scratch.try_borrow_mut().is_err() {
+            return;
+        }
+        for queue in self.open_queue_list() {
+            if let Err(e) = self.poll_queue(&queue, &mut Sink::Stash, usize::MAX) {
+                debug!("netvsc {}: queue {} reap: {e}", self.id, queue.index);
+            }
+        }
     }
 
     /// Sends the receive completions still owed on `queue`; returns whether all went.
@@ -698,7 +732,7 @@ impl NetvscNic {
         header: VmTransferPageHeader,
         ranges: &[VmTransferPageRange],
         payload: &[u8],
-        deliver: &mut Deliver<'_>,
+        sink: &mut Sink<'_>,
     ) -> usize {
         let mut delivered = 0;
         let status = if header.xfer_pageset_id.get() != NETVSC_RECEIVE_BUFFER_ID {
@@ -711,7 +745,7 @@ impl NetvscNic {
             match NvspMessage::parse(payload, Sender::Host) {
                 Ok(NvspMessage::SendRndisPacket(_)) => {
                     for range in ranges {
-                        delivered += self.on_rndis_range(queue, range, deliver);
+                        delivered += self.on_rndis_range(queue, range, sink);
                     }
                     NvspStatus::SUCCESS
                 }
@@ -735,7 +769,7 @@ impl NetvscNic {
         &self,
         queue: &Queue,
         range: &VmTransferPageRange,
-        deliver: &mut Deliver<'_>,
+        sink: &mut Sink<'_>,
     ) -> usize {
         let offset = range.byte_offset.get() as usize;
         let len = range.byte_count.get() as usize;
@@ -761,14 +795,18 @@ impl NetvscNic {
         match RndisMessage::parse(bytes) {
             Ok(RndisMessage::Packet(p)) => {
                 let frame = p.data;
-                match deliver {
-                    Some(d) if !self.removed.get() && frame.len() >= ETH_HEADER => {
+                let usable = !self.removed.get() && frame.len() >= ETH_HEADER;
+                match sink {
+                    Sink::Deliver(d) if usable => {
                         d(frame);
                         queue.count(|s| {
                             s.rx_packets += 1;
                             s.rx_bytes += frame.len() as u64;
                         });
                         return 1;
+                    }
+                    Sink::Stash if usable => {
+                        self.backlog.borrow_mut().push_back((queue.index, frame.to_vec()));
                     }
                     _ => queue.count(|s| s.rx_dropped += 1),
                 }
@@ -835,12 +873,21 @@ impl NetvscNic {
     ) -> Result<(), NicError> {
         let queue = self.queue(queue_index).ok_or(NicError::Removed)?;
         let (section, buf, offset) = {
-            let mut send = self.send.borrow_mut();
-            let send = send.as_mut().ok_or(NicError::Removed)?;
+            let mut send_guard = self.send.borrow_mut();
+            let mut send = send_guard.as_mut().ok_or(NicError::Removed)?;
             if message.len() > send.section_size {
                 return Err(NicError::TooLong);
             }
-            let section = send.sections.take(queue_index).ok_or(NicError::Busy)?;
+            let section = match send.sections.take(queue_index) {
+                Some(section) => section,
+                None => {
+                    drop(send_guard);
+                    self.reap_completions();
+                    send_guard = self.send.borrow_mut();
+                    send = send_guard.as_mut().ok_or(NicError::Removed)?;
+                    send.sections.take(queue_index).ok_or(NicError::Busy)?
+                }
+            };
             (
                 section,
                 send.buf.clone(),
@@ -941,16 +988,29 @@ impl Nic for NetvscNic {
         if queues.is_empty() {
             return 0;
         }
+        let mut delivered = 0;
+        while delivered < budget {
+            let Some((index, frame)) = self.backlog.borrow_mut().pop_front() else {
+                break;
+            };
+            deliver(&frame);
+            delivered += 1;
+            if let Some(q) = self.queue(index) {
+                q.count(|s| {
+                    s.rx_packets += 1;
+                    s.rx_bytes += frame.len() as u64;
+                });
+            }
+        }
         let start = self.rx_cursor.get() % queues.len();
         self.rx_cursor.set(start + 1);
-        let mut delivered = 0;
-        let mut deliver = Some(deliver);
+        let mut sink = Sink::Deliver(deliver);
         for i in 0..queues.len() {
             if delivered >= budget {
                 break;
             }
             let q = &queues[(start + i) % queues.len()];
-            match self.poll_queue(q, &mut deliver, budget - delivered) {
+            match self.poll_queue(q, &mut sink, budget - delivered) {
                 Ok(n) => delivered += n,
                 Err(e) => debug!("netvsc {}: queue {} poll: {e}", self.id, q.index),
             }
@@ -994,7 +1054,13 @@ impl Nic for NetvscNic {
     }
 
     fn can_transmit(&self) -> bool {
-        !self.removed.get() && self.link.get() && self.free_send_sections() > 0
+        if self.removed.get() || !self.link.get() {
+            return false;
+        }
+        if self.free_send_sections() == 0 {
+            self.reap_completions();
+        }
+        self.free_send_sections() > 0
     }
 
     fn changed(&self) -> NicFuture<'_> {
@@ -1003,6 +1069,7 @@ impl Nic for NetvscNic {
             let queues = self.open_queue_list();
             let ready = self.removed.get()
                 || self.generation.get() != seen
+                || !self.backlog.borrow().is_empty()
                 || queues.iter().any(|q| {
                     !q.owed.borrow().is_empty() || q.channel.ring().has_incoming().unwrap_or(false)
                 });

@@ -174,7 +174,7 @@ fn parse_run(args: &[String]) -> Result<RunOptions, CliError> {
             Some((n, v)) if n.starts_with("--") => (n, Some(v)),
             _ => (a, None),
         };
-        let mut val = |i: &mut usize| -> Result<String, CliError> {
+        let val = |i: &mut usize| -> Result<String, CliError> {
             match inline {
                 Some(v) => Ok(v.to_string()),
                 None => value(args, i, name).map(str::to_string),

@@ -123,14 +123,14 @@ fn range(file: &[u8], off: u64, len: u64) -> Option<&[u8]> {
 }
 
 /// Entries of a header table: `(offset, count, entry size)` checked against the file.
-fn table(
-    file: &[u8],
+fn table<'a>(
+    file: &'a [u8],
     off: u64,
     count: u16,
     entsize: u16,
     min: usize,
     which: &'static str,
-) -> Result<Vec<&[u8]>, ElfError> {
+) -> Result<Vec<&'a [u8]>, ElfError> {
     if count == 0 {
         return Ok(Vec::new());
     }

@@ -73,6 +73,12 @@ impl Kicker {
     pub fn kick(&self) {
         send_kick(self.thread);
     }
+
+    /// A kicker that kicks nobody (for tests of the code that kicks).
+    #[cfg(test)]
+    pub fn for_tests() -> Kicker {
+        Kicker { thread: 0 }
+    }
 }
 
 /// Installs the handlers and makes the calling thread the vCPU thread, whose

@@ -4,8 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::net::Ipv4Addr;
@@ -21,57 +20,12 @@ use hvnet_runtime::sync::Event;
 use hvnet_runtime::{Duration, Handle, Instant, JoinHandle};
 
 // ---------------------------------------------------------------------------------------
-// Heap accounting per test thread.
+// Heap accounting per test thread, and the adapters that run the guest VMBus against
+// hvemu: shared with the vmbus and netvsc tests so every test counts the same way.
 
-/// Counts the live heap of the code under test, per thread (tests run in parallel).
-pub struct CountingAlloc;
-
-thread_local! {
-    static LIVE_BYTES: Cell<i64> = const { Cell::new(0) };
-    static LIVE_BLOCKS: Cell<i64> = const { Cell::new(0) };
-    static IN_HOST: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Runs `f` as "host" code (peers, the wire, the fake NIC's queues): its allocations are
-/// not the appliance's. Whatever `f` allocates is freed in host scope too.
-pub fn host_scope<R>(f: impl FnOnce() -> R) -> R {
-    let was = IN_HOST.with(|h| h.replace(true));
-    let result = f();
-    IN_HOST.with(|h| h.set(was));
-    result
-}
-
-fn counted() -> bool {
-    IN_HOST.try_with(|h| !h.get()).unwrap_or(false)
-}
-
-// SAFETY: every call is forwarded to the system allocator unchanged; the counters are
-// thread-local cells that never allocate.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract for `layout` is passed on as is.
-        let pointer = unsafe { System.alloc(layout) };
-        if !pointer.is_null() && counted() {
-            let _ = LIVE_BYTES.try_with(|c| c.set(c.get() + layout.size() as i64));
-            let _ = LIVE_BLOCKS.try_with(|c| c.set(c.get() + 1));
-        }
-        pointer
-    }
-
-    unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
-        if counted() {
-            let _ = LIVE_BYTES.try_with(|c| c.set(c.get() - layout.size() as i64));
-            let _ = LIVE_BLOCKS.try_with(|c| c.set(c.get() - 1));
-        }
-        // SAFETY: `pointer` came from `alloc` above with this `layout`.
-        unsafe { System.dealloc(pointer, layout) }
-    }
-}
-
-/// (bytes, blocks) the appliance side of this thread holds now.
-pub fn heap_live() -> (i64, i64) {
-    (LIVE_BYTES.with(Cell::get), LIVE_BLOCKS.with(Cell::get))
-}
+#[path = "../../../drivers/vmbus/tests/support/emu.rs"]
+mod emu;
+pub use emu::*;
 
 // ---------------------------------------------------------------------------------------
 // The fake NIC.
