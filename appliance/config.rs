@@ -11,6 +11,8 @@
 //! | `test=pagefault` | after the ready line, touch an unmapped page (the report must follow) |
 //! | `test=stackoverflow` | after the ready line, recurse into the stack guard page |
 //! | `exit=debug` | exit through QEMU's `isa-debug-exit` port (tests) instead of halting |
+//! | `echo=on\|off` | TCP/UDP echo (RFC 862) on port 7 of every interface (default off) |
+//! | `queues=N` | queues asked of each synthetic NIC, 1..=64 (default 8) |
 
 use log::LevelFilter;
 
@@ -41,6 +43,10 @@ pub struct Config {
     pub log_level: LevelFilter,
     pub test: Option<TestAction>,
     pub exit: ExitMode,
+    /// Echo service on port 7 (for smoke tests; an open UDP echo reflects traffic).
+    pub echo: bool,
+    /// Queues wanted per synthetic NIC.
+    pub queues: u16,
 }
 
 impl Default for Config {
@@ -49,6 +55,8 @@ impl Default for Config {
             log_level: LevelFilter::Info,
             test: None,
             exit: ExitMode::Halt,
+            echo: false,
+            queues: 8,
         }
     }
 }
@@ -90,6 +98,20 @@ impl Config {
                 }
                 .map(|e| cfg.exit = e)
                 .is_some(),
+                "echo" => match value {
+                    "on" => Some(true),
+                    "off" => Some(false),
+                    _ => None,
+                }
+                .map(|e| cfg.echo = e)
+                .is_some(),
+                "queues" => match value.parse::<u16>() {
+                    Ok(n @ 1..=64) => {
+                        cfg.queues = n;
+                        true
+                    }
+                    _ => false,
+                },
                 // GRUB and loaders sometimes pass the image path first.
                 _ if word.starts_with('/') => true,
                 _ => false,
@@ -120,8 +142,10 @@ mod tests {
 
     #[test]
     fn recognised_words() {
-        let (c, bad) = parse("/boot/hvnet log=trace  test=pagefault exit=debug");
+        let (c, bad) = parse("/boot/hvnet log=trace  test=pagefault exit=debug echo=on queues=4");
         assert!(bad.is_empty());
+        assert!(c.echo);
+        assert_eq!(c.queues, 4);
         assert_eq!(c.log_level, LevelFilter::Trace);
         assert_eq!(c.test, Some(TestAction::PageFault));
         assert_eq!(c.exit, ExitMode::DebugPort);
@@ -129,8 +153,20 @@ mod tests {
 
     #[test]
     fn unknown_words_and_values_are_reported_and_ignored() {
-        let (c, bad) = parse("log=loud test= quiet exit=debug");
-        assert_eq!(bad, ["log=loud", "test=", "quiet"]);
+        let (c, bad) = parse("log=loud test= quiet exit=debug queues=0 queues=65 echo=yes");
+        assert_eq!(
+            bad,
+            [
+                "log=loud",
+                "test=",
+                "quiet",
+                "queues=0",
+                "queues=65",
+                "echo=yes"
+            ]
+        );
+        assert_eq!(c.queues, 8);
+        assert!(!c.echo);
         assert_eq!(c.log_level, LevelFilter::Info);
         assert_eq!(c.test, None);
         assert_eq!(c.exit, ExitMode::DebugPort);

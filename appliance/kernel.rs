@@ -7,6 +7,8 @@ use core::sync::atomic::{AtomicU8, Ordering};
 use core::time::Duration;
 
 use hvnet_hyperv::{Cpuid, CpuidResult, HyperVInfo, Hypervisor};
+use hvnet_net::{EchoConfig, InterfaceManager, ManagerConfig};
+use hvnet_netvsc::{NetvscConfig, NetvscDriver};
 use hvnet_runtime::irq::IrqSignal;
 use hvnet_runtime::{Executor, Handle};
 use hvnet_vmbus::bus::{ConnectError, VmBus, VmBusConfig};
@@ -258,14 +260,14 @@ fn init_memory(boot: &BootInfo) {
 
 /// The appliance's main task: report readiness, then run what the command line asks for.
 async fn appliance(handle: Handle, hypervisor: Hypervisor, config: Config) {
-    // Kept for the appliance's life (its tasks hold it too).
-    let _vmbus = match hypervisor {
+    // Kept for the appliance's life (its tasks hold them too).
+    let _network = match hypervisor {
         Hypervisor::HyperV(i) => match i.missing_for_vmbus() {
             Some(what) => {
                 info!("hvnet: ready, no VMBus (Hyper-V without {what})");
                 None
             }
-            None => start_vmbus(&handle, &i).await,
+            None => start_vmbus(&handle, &i, &config).await,
         },
         _ => {
             info!("hvnet: ready, no VMBus (not Hyper-V)");
@@ -339,8 +341,14 @@ async fn appliance(handle: Handle, hypervisor: Hypervisor, config: Config) {
     }
 }
 
-/// Brings up the hypercall page and SynIC, connects VMBus and prints the ready line.
-async fn start_vmbus(handle: &Handle, info: &HyperVInfo) -> Option<VmBus> {
+/// Brings up the hypercall page and SynIC, the network side and the netvsc driver,
+/// connects VMBus (NIC offers are probed from then on, also when hot-added later) and
+/// prints the ready line.
+async fn start_vmbus(
+    handle: &Handle,
+    info: &HyperVInfo,
+    config: &Config,
+) -> Option<(VmBus, InterfaceManager)> {
     let platform = match HvPlatform::init(info) {
         Ok(p) => p,
         Err(e) => {
@@ -355,6 +363,16 @@ async fn start_vmbus(handle: &Handle, info: &HyperVInfo) -> Option<VmBus> {
         Rc::new(FrameDma),
         VmBusConfig::default(),
     );
+    let mut net_config = ManagerConfig::default();
+    if config.echo {
+        net_config.interface.echo = Some(EchoConfig::default());
+    }
+    let manager = InterfaceManager::new(handle.clone(), net_config);
+    let netvsc = NetvscConfig {
+        queues: config.queues,
+        ..NetvscConfig::default()
+    };
+    bus.register_driver(Rc::new(NetvscDriver::new(Rc::new(manager.clone()), netvsc)));
     match bus.connect().await {
         Ok(version) => {
             let relids = bus.live_relids();
@@ -363,7 +381,7 @@ async fn start_vmbus(handle: &Handle, info: &HyperVInfo) -> Option<VmBus> {
                 relids.len()
             );
             info!("hvnet: ready, VMBus {version}");
-            Some(bus)
+            Some((bus, manager))
         }
         Err(e) => {
             let reason = match e {

@@ -21,8 +21,8 @@ use hvnet_runtime::testing::check_seeds;
 use hvnet_runtime::{Duration, Handle, Instant};
 use hvnet_vmbus::bus::{VmBus, VmBusConfig};
 use support::{
-    dhcp_config, heap_live, host_scope, sim, test_config, wait_until, CountingAlloc,
-    EmuAllocator, EmuHypervisor, PEER_IP,
+    dhcp_config, heap_live, host_scope, sim, test_config, wait_until, CountingAlloc, EmuAllocator,
+    EmuHypervisor, PEER_IP,
 };
 
 #[global_allocator]
@@ -227,13 +227,17 @@ fn tcp_state(s: &Stack, id: peers::FlowId) -> (FlowState, u64) {
 async fn tcp_echo(s: &Stack, target: Ipv4Addr, bytes: u64, seed: u64) -> Res {
     let id = host_scope(|| s.peer.borrow_mut().tcp_echo(target, 7, bytes, seed));
     wait_until(&s.handle, Duration::from_secs(600), "TCP echo", || {
-        !matches!(tcp_state(s, id).0, FlowState::Connecting | FlowState::Running)
+        !matches!(
+            tcp_state(s, id).0,
+            FlowState::Connecting | FlowState::Running
+        )
     })
     .await?;
     let (state, verified) = tcp_state(s, id);
-    ensure(matches!(state, FlowState::Done) && verified == bytes, || {
-        format!("TCP echo to {target}: {state:?}, {verified} of {bytes} bytes verified")
-    })
+    ensure(
+        matches!(state, FlowState::Done) && verified == bytes,
+        || format!("TCP echo to {target}: {state:?}, {verified} of {bytes} bytes verified"),
+    )
 }
 
 /// Test 1: one NIC with eight queues gets a lease, answers ping, serves its status page
@@ -327,13 +331,19 @@ fn four_nics_hot_added_while_traffic_flows() {
         let s2 = s.clone();
         let result = sim.run(async move {
             let s = s2;
-            s.bus.connect().await.map_err(|e| format!("connect: {e:?}"))?;
+            s.bus
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e:?}"))?;
             add_nic(&s, 0, NetvspConfig::default());
             let (_, addr0) = wait_lease(&s, nic_mac(0)).await?;
             let flow = host_scope(|| s.peer.borrow_mut().tcp_echo(addr0, 7, 4 << 20, seed));
-            wait_until(&s.handle, Duration::from_secs(30), "the transfer to start", || {
-                tcp_state(&s, flow).1 > 64 * 1024
-            })
+            wait_until(
+                &s.handle,
+                Duration::from_secs(30),
+                "the transfer to start",
+                || tcp_state(&s, flow).1 > 64 * 1024,
+            )
             .await?;
             let before = tcp_state(&s, flow).1;
             for n in 1..=4 {
@@ -345,18 +355,24 @@ fn four_nics_hot_added_while_traffic_flows() {
             }
             // Traffic kept flowing through the hot-add.
             let during = tcp_state(&s, flow).1;
-            ensure(during > before, || format!("transfer stalled at {before} bytes"))?;
+            ensure(during > before, || {
+                format!("transfer stalled at {before} bytes")
+            })?;
             for a in addrs {
                 ping(&s, a, 2).await?;
             }
             wait_until(&s.handle, Duration::from_secs(600), "TCP echo", || {
-                !matches!(tcp_state(&s, flow).0, FlowState::Connecting | FlowState::Running)
+                !matches!(
+                    tcp_state(&s, flow).0,
+                    FlowState::Connecting | FlowState::Running
+                )
             })
             .await?;
             let (state, verified) = tcp_state(&s, flow);
-            ensure(matches!(state, FlowState::Done) && verified == 4 << 20, || {
-                format!("{state:?} after {verified} bytes")
-            })?;
+            ensure(
+                matches!(state, FlowState::Done) && verified == 4 << 20,
+                || format!("{state:?} after {verified} bytes"),
+            )?;
             let names = s.manager.config_lock().lock().await.names();
             ensure(names.len() == 5, || format!("{names:?}"))
         });
@@ -375,7 +391,10 @@ fn hot_remove_under_traffic_and_200_cycles_leak_nothing() {
     let s2 = s.clone();
     let result = sim.run(async move {
         let s = s2;
-        s.bus.connect().await.map_err(|e| format!("connect: {e:?}"))?;
+        s.bus
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e:?}"))?;
         let mut baseline = None;
         for cycle in 0..200u32 {
             let (id, _) = add_nic(&s, 7, NetvspConfig::default());
@@ -407,15 +426,21 @@ fn hot_remove_under_traffic_and_200_cycles_leak_nothing() {
             s.bus.settle().await;
             // Let the interface task and the peer's aborted flow wind down.
             s.handle.sleep(Duration::from_millis(50)).await;
-            ensure(s.bus.live_gpadls() == 0, || format!("cycle {cycle}: {} GPADLs", s.bus.live_gpadls()))?;
-            ensure(s.bus.live_relids().is_empty(), || format!("cycle {cycle}: relids {:?}", s.bus.live_relids()))?;
+            ensure(s.bus.live_gpadls() == 0, || {
+                format!("cycle {cycle}: {} GPADLs", s.bus.live_gpadls())
+            })?;
+            ensure(s.bus.live_relids().is_empty(), || {
+                format!("cycle {cycle}: relids {:?}", s.bus.live_relids())
+            })?;
             let now = (heap_live(), s.memory.live_pages(), s.handle.task_count());
             // Cycles with traffic and without differ in what the peer left queued; each
             // kind is compared with its own first steady cycle.
             match (cycle, baseline) {
                 (21, _) => baseline = Some(now),
                 (c, Some(b)) if c > 21 && b != now => {
-                    return Err(format!("cycle {cycle}: (heap, pages, tasks) {now:?} vs {b:?}"))
+                    return Err(format!(
+                        "cycle {cycle}: (heap, pages, tasks) {now:?} vs {b:?}"
+                    ))
                 }
                 _ => {}
             }

@@ -806,7 +806,9 @@ impl NetvscNic {
                         return 1;
                     }
                     Sink::Stash if usable => {
-                        self.backlog.borrow_mut().push_back((queue.index, frame.to_vec()));
+                        self.backlog
+                            .borrow_mut()
+                            .push_back((queue.index, frame.to_vec()));
                     }
                     _ => queue.count(|s| s.rx_dropped += 1),
                 }

@@ -91,17 +91,29 @@ pub fn build(base: u64, cpus: u32) -> AcpiTables {
     // DSDT: header + AML `Name (\_S5, Package (4) {5, 5, 0, 0})`.
     let mut dsdt = sdt_header(b"DSDT", 0, 2);
     dsdt.extend_from_slice(&[
-        0x08, b'\\', b'_', b'S', b'5', b'_', // NameOp "\_S5_"
-        0x12, 0x08, 0x04, // PackageOp, PkgLength 8, 4 elements
-        0x0A, S5_SLP_TYP as u8, 0x0A, S5_SLP_TYP as u8, // BytePrefix 5, BytePrefix 5
-        0x00, 0x00, // Zero, Zero
+        0x08,
+        b'\\',
+        b'_',
+        b'S',
+        b'5',
+        b'_', // NameOp "\_S5_"
+        0x12,
+        0x08,
+        0x04, // PackageOp, PkgLength 8, 4 elements
+        0x0A,
+        S5_SLP_TYP as u8,
+        0x0A,
+        S5_SLP_TYP as u8, // BytePrefix 5, BytePrefix 5
+        0x00,
+        0x00, // Zero, Zero
     ]);
     let dsdt = finish(dsdt);
 
     // FADT revision 6 (minor 4).
     let mut fadt = sdt_header(b"FACP", FADT_LEN, 6);
     fadt.resize(FADT_LEN, 0);
-    let put32 = |t: &mut Vec<u8>, off: usize, v: u32| t[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    let put32 =
+        |t: &mut Vec<u8>, off: usize, v: u32| t[off..off + 4].copy_from_slice(&v.to_le_bytes());
     put32(&mut fadt, 40, at(DSDT_OFF) as u32); // DSDT
     fadt[46..48].copy_from_slice(&9u16.to_le_bytes()); // SCI_INT
     put32(&mut fadt, 56, u32::from(PM1A_EVT_PORT)); // PM1a_EVT_BLK

@@ -27,9 +27,15 @@ run options:
   --poll-ms N       host poll period in milliseconds (device polls, NIC back ends); 5
   --nic SPEC        hot-plug a NIC at boot (same settings as `nic add`); repeatable
 
+NICs without --tap sit on an internal LAN (a learning switch) with a DHCP server at
+10.0.2.2 that leases 10.0.2.15 and up; --tap NAME bridges a NIC to a host TAP device.
+
 The VM's exit status is the guest's: isa-debug-exit port 0xf4 value v gives (v << 1) | 1
-(0x10 -> 33 success, 0x11 -> 35 failure), ACPI S5 power-off gives 0, a VMM error gives 1,
-missing /dev/kvm or bad options give 2.
+(0x10 -> 33 success, 0x11 -> 35 failure), ACPI S5 power-off gives 0, SIGINT/SIGTERM give
+130, a guest or VMM failure gives 1; a missing /dev/kvm, a bad kernel image or bad options
+give 2. HVEMU_LOG=info|debug logs the VMM's work on stderr; HVEMU_PROFILE=1 samples the
+guest's RIP every poll period and prints the hottest addresses at the end (symbolize
+them with `addr2line -f -e KERNEL ADDR...`).
 ";
 
 /// Largest guest RAM: RAM stays below the 3 GiB line so the MMIO hole (I/O APIC, local
@@ -141,7 +147,9 @@ pub fn parse(args: &[String]) -> Result<Command, CliError> {
         "-h" | "--help" | "help" => Ok(Command::Help),
         "run" => parse_run(&args[1..]).map(Command::Run),
         "ctl" => parse_ctl(&args[1..]).map(Command::Ctl),
-        other => err(format!("unknown command '{other}': expected `run` or `ctl`")),
+        other => err(format!(
+            "unknown command '{other}': expected `run` or `ctl`"
+        )),
     }
 }
 
@@ -324,7 +332,9 @@ pub fn parse_nic_spec(s: &str) -> Result<NicSpec, CliError> {
     };
     for part in s.split(',').filter(|p| !p.is_empty()) {
         let Some((k, v)) = part.split_once('=') else {
-            return err(format!("--nic: '{part}' is not key=value (queues, mac, tap)"));
+            return err(format!(
+                "--nic: '{part}' is not key=value (queues, mac, tap)"
+            ));
         };
         match k {
             "queues" => spec.queues = parse_queues(v)?,
@@ -354,7 +364,11 @@ fn parse_tap_name(v: &str) -> Result<String, CliError> {
 /// Parses `aa:bb:cc:dd:ee:ff` (or with `-`). Multicast addresses are refused.
 pub fn parse_mac(v: &str) -> Result<[u8; 6], CliError> {
     let parts: Vec<&str> = v.split([':', '-']).collect();
-    let bad = || CliError(format!("mac: '{v}' is not a MAC address like 00:15:5d:00:00:01"));
+    let bad = || {
+        CliError(format!(
+            "mac: '{v}' is not a MAC address like 00:15:5d:00:00:01"
+        ))
+    };
     if parts.len() != 6 {
         return Err(bad());
     }
@@ -433,7 +447,9 @@ mod tests {
 
         let mut a = args("run --kernel=/k --mem 1G --serial /tmp/s.log --control /tmp/c.sock");
         a.extend(["--cmdline".into(), "exit=debug test=ready".into()]);
-        a.extend(args("--poll-ms 2 --nic queues=4,mac=00:15:5d:00:00:07 --nic tap=tap0"));
+        a.extend(args(
+            "--poll-ms 2 --nic queues=4,mac=00:15:5d:00:00:07 --nic tap=tap0",
+        ));
         let Command::Run(o) = parse(&a).unwrap() else {
             panic!()
         };
@@ -490,7 +506,10 @@ mod tests {
 
     #[test]
     fn ctl_requests_round_trip() {
-        let Command::Ctl(c) = parse(&args("ctl --control /s nic add --queues 4 --mac 00-15-5d-aa-bb-cc --tap hv0")).unwrap() else {
+        let Command::Ctl(c) = parse(&args(
+            "ctl --control /s nic add --queues 4 --mac 00-15-5d-aa-bb-cc --tap hv0",
+        ))
+        .unwrap() else {
             panic!()
         };
         assert_eq!(c.control, PathBuf::from("/s"));
@@ -520,7 +539,9 @@ mod tests {
         ] {
             let words: Vec<&str> = s.split_whitespace().collect();
             assert_eq!(parse_request(&words), Ok(r.clone()), "{s}");
-            assert_eq!(r.to_line().split_whitespace().collect::<Vec<_>>()[..2], words[..words.len().min(2)]);
+            let line = r.to_line();
+            let back: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(parse_request(&back), Ok(r), "{line}");
         }
     }
 
@@ -541,7 +562,10 @@ mod tests {
 
     #[test]
     fn macs() {
-        assert_eq!(format_mac(&[0, 0x15, 0x5d, 1, 2, 0xff]), "00:15:5d:01:02:ff");
+        assert_eq!(
+            format_mac(&[0, 0x15, 0x5d, 1, 2, 0xff]),
+            "00:15:5d:01:02:ff"
+        );
         assert!(parse_mac("00:15:5d:01:02").is_err());
         assert!(parse_mac("000:15:5d:01:02:03").is_err());
     }

@@ -122,7 +122,8 @@ fn ask(request: Request, tx: &Sender<Pending>, kicker: Kicker) -> Answer {
     kicker.kick();
     match answer.recv_timeout(ANSWER_TIMEOUT) {
         Ok(a) => a,
-        Err(_) => Err("the VM did not answer in time".into()),
+        Err(mpsc::RecvTimeoutError::Timeout) => Err("the VM did not answer in time".into()),
+        Err(mpsc::RecvTimeoutError::Disconnected) => Err("the VM stopped before answering".into()),
     }
 }
 
@@ -228,7 +229,10 @@ mod tests {
         s.write_all(b"reboot\n").unwrap();
         let mut text = String::new();
         s.read_to_string(&mut text).unwrap();
-        assert!(text.starts_with("error: unknown request 'reboot'"), "{text}");
+        assert!(
+            text.starts_with("error: unknown request 'reboot'"),
+            "{text}"
+        );
         drop(server);
         assert!(!path.exists(), "socket removed");
         let _ = std::fs::remove_dir(&dir);

@@ -190,7 +190,10 @@ mod tests {
             assert_ne!(s.read(5) & LSR_THR_EMPTY, 0);
             s.write(0, b);
         }
-        assert_eq!(sink.0.lock().unwrap().as_slice(), b"hello\r\nhvnet: ready, VMBus 5.3\r\n");
+        assert_eq!(
+            sink.0.lock().unwrap().as_slice(),
+            b"hello\r\nhvnet: ready, VMBus 5.3\r\n"
+        );
         assert_eq!(s.tail(), ["hello", "hvnet: ready, VMBus 5.3"]);
         assert!(s.ready.as_ref().unwrap().1.ends_with("VMBus 5.3"));
         // Loopback mode transmits nothing and mirrors the modem lines.

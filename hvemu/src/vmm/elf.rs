@@ -322,7 +322,12 @@ pub(crate) mod tests {
 
     #[test]
     fn parses_load_segments_and_pvh_note() {
-        let f = build_elf(&[0x90; 16], 0x10_0000, 0x3000, Some(&0x10_0008u32.to_le_bytes()));
+        let f = build_elf(
+            &[0x90; 16],
+            0x10_0000,
+            0x3000,
+            Some(&0x10_0008u32.to_le_bytes()),
+        );
         let k = parse(&f).unwrap();
         assert_eq!(k.pvh_entry, 0x10_0008);
         assert_eq!(k.segments.len(), 1);
@@ -345,7 +350,12 @@ pub(crate) mod tests {
     fn rejects_bad_images() {
         assert_eq!(parse(b"\x7fELF"), Err(ElfError::TooShort));
         assert_eq!(parse(&[0u8; 64]), Err(ElfError::NotElf));
-        let good = build_elf(&[0x90; 16], 0x10_0000, 16, Some(&0x10_0000u32.to_le_bytes()));
+        let good = build_elf(
+            &[0x90; 16],
+            0x10_0000,
+            16,
+            Some(&0x10_0000u32.to_le_bytes()),
+        );
         // No PVH note: the error names the missing note.
         let f = build_elf(&[0x90; 16], 0x10_0000, 16, None);
         assert_eq!(parse(&f), Err(ElfError::NoPvhNote));

@@ -72,15 +72,19 @@ pub fn cpuid_leaves(vcpus: u32) -> Vec<CpuidEntry> {
 /// GPA (or fast input), R8 = output GPA:
 ///
 /// ```text
+/// 9c              pushfq              ; no interrupt between the two exits: a handler
+/// fa              cli                 ;   making its own hypercall would take our result
 /// 49 89 d3        mov r11, rdx        ; keep the input where the VMM can read it
 /// ba 00 80 00 00  mov edx, 0x8000     ; HYPERCALL_PORT
 /// ef              out dx, eax         ; exit: the VMM reads RCX/R11/R8, runs the call
 /// ed              in eax, dx          ; exit: the VMM returns the result
 /// 4c 89 da        mov rdx, r11        ; RDX as the caller left it
+/// 9d              popfq               ; interrupts as they were
 /// c3              ret
 /// ```
-pub const HYPERCALL_CODE: [u8; 15] = [
-    0x49, 0x89, 0xD3, 0xBA, 0x00, 0x80, 0x00, 0x00, 0xEF, 0xED, 0x4C, 0x89, 0xDA, 0xC3, 0xCC,
+pub const HYPERCALL_CODE: [u8; 18] = [
+    0x9C, 0xFA, 0x49, 0x89, 0xD3, 0xBA, 0x00, 0x80, 0x00, 0x00, 0xEF, 0xED, 0x4C, 0x89, 0xDA, 0x9D,
+    0xC3, 0xCC,
 ];
 
 const PAGE: u64 = 4096;
@@ -274,7 +278,11 @@ impl HyperV {
                     if !mem.is_live(page.pfn()) {
                         return Err(());
                     }
-                    let old = if msr == HV_X64_MSR_SIMP { self.simp } else { self.siefp };
+                    let old = if msr == HV_X64_MSR_SIMP {
+                        self.simp
+                    } else {
+                        self.siefp
+                    };
                     // A newly enabled page starts empty (KVM clears it too).
                     if old != value && mem.write(page.gpa(), &[0u8; PAGE as usize]).is_err() {
                         return Err(());
@@ -332,7 +340,12 @@ impl HyperV {
     /// Publishes the reference TSC page for a guest TSC running at `tsc_hz`, where
     /// `tsc_now` is the guest TSC read at this moment. Writes an invalid page (the guest
     /// falls back to TIME_REF_COUNT) if the frequency is unknown.
-    pub fn publish_tsc_page(&mut self, mem: &GuestMemory, tsc_now: u64, tsc_hz: u64) -> Option<TscPage> {
+    pub fn publish_tsc_page(
+        &mut self,
+        mem: &GuestMemory,
+        tsc_now: u64,
+        tsc_hz: u64,
+    ) -> Option<TscPage> {
         let page = PageMsr(self.reference_tsc);
         if !page.enabled() {
             return None;
@@ -418,7 +431,13 @@ impl HyperV {
             match mem.load_u32(slot) {
                 Ok(0) => {
                     if let Some((message_type, payload)) = host.take_message() {
-                        if write_message(mem, slot, message_type, &payload, host.pending_messages() > 0) {
+                        if write_message(
+                            mem,
+                            slot,
+                            message_type,
+                            &payload,
+                            host.pending_messages() > 0,
+                        ) {
                             self.stats.messages_delivered += 1;
                             raise = true;
                         }
@@ -428,7 +447,9 @@ impl HyperV {
                     // Busy: flag the occupant so the guest writes EOM when it frees it.
                     let flags_at = slot + 5;
                     let mut f = [0u8; 1];
-                    if mem.read(flags_at, &mut f).is_ok() && f[0] & HvMessageHeader::MSG_PENDING == 0 {
+                    if mem.read(flags_at, &mut f).is_ok()
+                        && f[0] & HvMessageHeader::MSG_PENDING == 0
+                    {
                         f[0] |= HvMessageHeader::MSG_PENDING;
                         let _ = mem.write(flags_at, &f);
                         self.stats.pending_set += 1;
@@ -493,12 +514,22 @@ pub fn tsc_page_params(tsc_now: u64, tsc_hz: u64, ref_now: u64) -> Option<TscPag
 
 /// Writes a message into a free slot: payload, then the header with the type last, so a
 /// guest polling the slot never sees a type with a half-written payload.
-fn write_message(mem: &GuestMemory, slot: u64, message_type: u32, payload: &[u8], more: bool) -> bool {
+fn write_message(
+    mem: &GuestMemory,
+    slot: u64,
+    message_type: u32,
+    payload: &[u8],
+    more: bool,
+) -> bool {
     let n = payload.len().min(HV_MESSAGE_PAYLOAD_BYTE_COUNT);
     let mut body = [0u8; HV_MESSAGE_SIZE - 8];
     // Bytes 4..8: payload size, flags, reserved; 8..16: sender (0: the hypervisor).
     body[0] = n as u8;
-    body[1] = if more { HvMessageHeader::MSG_PENDING } else { 0 };
+    body[1] = if more {
+        HvMessageHeader::MSG_PENDING
+    } else {
+        0
+    };
     body[12..12 + n].copy_from_slice(&payload[..n]);
     mem.write(slot + 4, &body).is_ok() && mem.store_u32(slot, message_type).is_ok()
 }
@@ -527,7 +558,12 @@ pub enum Call {
 const CONTROL_RESERVED: u64 = 0xF << 27 | 1 << 31 | 0xF << 44 | 0xF << 60;
 
 /// Decodes a hypercall and reads its input from guest memory.
-pub fn decode_call(control: u64, input: u64, _output: u64, mem: &GuestMemory) -> Result<Call, HvStatus> {
+pub fn decode_call(
+    control: u64,
+    input: u64,
+    _output: u64,
+    mem: &GuestMemory,
+) -> Result<Call, HvStatus> {
     let c = HypercallControl(control);
     if control & CONTROL_RESERVED != 0 {
         return Err(HvStatus::INVALID_HYPERCALL_INPUT);
@@ -541,7 +577,7 @@ pub fn decode_call(control: u64, input: u64, _output: u64, mem: &GuestMemory) ->
             if c.rep_count() != 0 || c.variable_header_size() != 0 {
                 return Err(HvStatus::INVALID_HYPERCALL_INPUT);
             }
-            if input % 8 != 0 || input % PAGE + HV_MESSAGE_SIZE as u64 > PAGE {
+            if !input.is_multiple_of(8) || input % PAGE + HV_MESSAGE_SIZE as u64 > PAGE {
                 return Err(HvStatus::INVALID_ALIGNMENT);
             }
             let mut raw = [0u8; HV_MESSAGE_SIZE];
@@ -568,10 +604,11 @@ pub fn decode_call(control: u64, input: u64, _output: u64, mem: &GuestMemory) ->
             let raw = if c.is_fast() {
                 input
             } else {
-                if input % 8 != 0 {
+                if !input.is_multiple_of(8) {
                     return Err(HvStatus::INVALID_ALIGNMENT);
                 }
-                mem.load_u64(input).map_err(|_| HvStatus::INVALID_PARAMETER)?
+                mem.load_u64(input)
+                    .map_err(|_| HvStatus::INVALID_PARAMETER)?
             };
             // Bits 0..31 connection id (24 used), 32..47 flag number, 48..63 reserved.
             if raw >> 48 != 0 || raw as u32 & 0xFF00_0000 != 0 {
@@ -631,11 +668,12 @@ mod tests {
         hv.wrmsr(HV_X64_MSR_HYPERCALL, page | 1, &mem).unwrap();
         assert_eq!(hv.rdmsr(HV_X64_MSR_HYPERCALL), Some(page));
         assert_eq!(mem.load_u32(page), Ok(0xABAB_ABAB));
-        hv.wrmsr(HV_X64_MSR_GUEST_OS_ID, 0x8100_0000_0000_0000, &mem).unwrap();
+        hv.wrmsr(HV_X64_MSR_GUEST_OS_ID, 0x8100_0000_0000_0000, &mem)
+            .unwrap();
         hv.wrmsr(HV_X64_MSR_HYPERCALL, page | 1, &mem).unwrap();
         assert_eq!(hv.rdmsr(HV_X64_MSR_HYPERCALL), Some(page | 1));
         assert!(hv.hypercalls_enabled());
-        let mut code = [0u8; 15];
+        let mut code = [0u8; HYPERCALL_CODE.len()];
         mem.read(page, &mut code).unwrap();
         assert_eq!(code, HYPERCALL_CODE);
         // Disabling brings the old contents back.
@@ -657,7 +695,10 @@ mod tests {
         assert_eq!(hv.rdmsr(0x4000_00B0), None, "no synthetic timers");
         // Unmasked SINT with a vector below 16: #GP.
         assert_eq!(hv.wrmsr(HV_X64_MSR_SINT0 + 2, 0x0F, &mem), Err(()));
-        assert_eq!(hv.wrmsr(HV_X64_MSR_SINT0 + 2, 0x41, &mem), Ok(WriteEffect::Deliver));
+        assert_eq!(
+            hv.wrmsr(HV_X64_MSR_SINT0 + 2, 0x41, &mem),
+            Ok(WriteEffect::Deliver)
+        );
         // SIMP enable clears the page.
         mem.write(pages[0], &[0xFF; 16]).unwrap();
         hv.wrmsr(HV_X64_MSR_SIMP, pages[0] | 1, &mem).unwrap();
@@ -689,32 +730,69 @@ mod tests {
                 payload: vec![1, 2, 3]
             })
         );
-        assert_eq!(decode_call(post, gpa + 4, 0, &mem), Err(HvStatus::INVALID_ALIGNMENT));
-        assert_eq!(decode_call(post, gpa + 3968, 0, &mem), Err(HvStatus::INVALID_ALIGNMENT));
-        assert_eq!(decode_call(post | 1 << 16, gpa, 0, &mem), Err(HvStatus::INVALID_PARAMETER));
-        assert_eq!(decode_call(post | 1 << 32, gpa, 0, &mem), Err(HvStatus::INVALID_HYPERCALL_INPUT));
-        assert_eq!(decode_call(post | 1 << 31, gpa, 0, &mem), Err(HvStatus::INVALID_HYPERCALL_INPUT));
-        assert_eq!(decode_call(post, 0x1000, 0, &mem), Err(HvStatus::INVALID_PARAMETER));
+        assert_eq!(
+            decode_call(post, gpa + 4, 0, &mem),
+            Err(HvStatus::INVALID_ALIGNMENT)
+        );
+        assert_eq!(
+            decode_call(post, gpa + 3968, 0, &mem),
+            Err(HvStatus::INVALID_ALIGNMENT)
+        );
+        assert_eq!(
+            decode_call(post | 1 << 16, gpa, 0, &mem),
+            Err(HvStatus::INVALID_PARAMETER)
+        );
+        assert_eq!(
+            decode_call(post | 1 << 32, gpa, 0, &mem),
+            Err(HvStatus::INVALID_HYPERCALL_INPUT)
+        );
+        assert_eq!(
+            decode_call(post | 1 << 31, gpa, 0, &mem),
+            Err(HvStatus::INVALID_HYPERCALL_INPUT)
+        );
+        assert_eq!(
+            decode_call(post, 0x1000, 0, &mem),
+            Err(HvStatus::INVALID_PARAMETER)
+        );
         // Payload size over 240.
         mem.store_u32(gpa + 12, 241).unwrap();
-        assert_eq!(decode_call(post, gpa, 0, &mem), Err(HvStatus::INVALID_PARAMETER));
+        assert_eq!(
+            decode_call(post, gpa, 0, &mem),
+            Err(HvStatus::INVALID_PARAMETER)
+        );
         // Hypervisor message types may not be posted.
         post_input(&mem, gpa, 4, 0x8000_0010, &[]);
-        assert_eq!(decode_call(post, gpa, 0, &mem), Err(HvStatus::INVALID_PARAMETER));
+        assert_eq!(
+            decode_call(post, gpa, 0, &mem),
+            Err(HvStatus::INVALID_PARAMETER)
+        );
 
         let signal = u64::from(HVCALL_SIGNAL_EVENT) | 1 << 16;
         assert_eq!(
             decode_call(signal, 0x2005, 0, &mem),
-            Ok(Call::SignalEvent { connection_id: 0x2005 })
+            Ok(Call::SignalEvent {
+                connection_id: 0x2005
+            })
         );
-        assert_eq!(decode_call(signal, 1 << 32 | 5, 0, &mem), Err(HvStatus::INVALID_PORT_ID));
-        assert_eq!(decode_call(signal, 1 << 50, 0, &mem), Err(HvStatus::INVALID_HYPERCALL_INPUT));
+        assert_eq!(
+            decode_call(signal, 1 << 32 | 5, 0, &mem),
+            Err(HvStatus::INVALID_PORT_ID)
+        );
+        assert_eq!(
+            decode_call(signal, 1 << 50, 0, &mem),
+            Err(HvStatus::INVALID_HYPERCALL_INPUT)
+        );
         mem.write(gpa, &0x2007u64.to_le_bytes()).unwrap();
         assert_eq!(
             decode_call(u64::from(HVCALL_SIGNAL_EVENT), gpa, 0, &mem),
-            Ok(Call::SignalEvent { connection_id: 0x2007 })
+            Ok(Call::SignalEvent {
+                connection_id: 0x2007
+            })
         );
-        assert_eq!(decode_call(0x99, 0, 0, &mem), Err(HvStatus::INVALID_HYPERCALL_CODE));
+        assert_eq!(
+            decode_call(0x99, 0, 0, &mem),
+            Err(HvStatus::INVALID_HYPERCALL_CODE)
+        );
     }
 
     /// A guest connecting through the emulated hypercalls and SynIC against the real
@@ -738,7 +816,13 @@ mod tests {
 
         let contact = InitiateContact::new(VmbusVersion::WIN10_V5_3, 0, 2, 0, 0, 0, 0);
         let payload = encode_body(&contact);
-        post_input(&mem, input, VMBUS_MESSAGE_CONNECTION_ID_4, 1, payload.as_bytes());
+        post_input(
+            &mem,
+            input,
+            VMBUS_MESSAGE_CONNECTION_ID_4,
+            1,
+            payload.as_bytes(),
+        );
         hv.hypercall(u64::from(HVCALL_POST_MESSAGE), input, 0, &mem, &mut host);
         assert_eq!(hv.take_result(), 0);
         assert_eq!(hv.take_result(), 2, "no result without a call");
@@ -768,7 +852,8 @@ mod tests {
 
         // Masked SINT: delivered into the page but no interrupt.
         mem.store_u32(slot, 0).unwrap();
-        hv.wrmsr(HV_X64_MSR_SINT0 + 2, 0x41 | SintMsr::MASKED, &mem).unwrap();
+        hv.wrmsr(HV_X64_MSR_SINT0 + 2, 0x41 | SintMsr::MASKED, &mem)
+            .unwrap();
         host.inject_raw(1, &[4, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(hv.deliver(&mem, &mut host), None);
         assert_eq!(mem.load_u32(slot + 16), Ok(4));
@@ -777,7 +862,9 @@ mod tests {
     #[test]
     fn tsc_page_maps_tsc_to_reference_time() {
         let p = tsc_page_params(3_000_000_000, 3_000_000_000, 5_000).unwrap();
-        let at = |tsc: u64| (((u128::from(tsc) * u128::from(p.scale)) >> 64) as u64).wrapping_add(p.offset as u64);
+        let at = |tsc: u64| {
+            (((u128::from(tsc) * u128::from(p.scale)) >> 64) as u64).wrapping_add(p.offset as u64)
+        };
         assert!(at(3_000_000_000).abs_diff(5_000) <= 1);
         // One second of TSC later: 10^7 reference ticks later.
         assert!(at(6_000_000_000).abs_diff(10_005_000) <= 1);

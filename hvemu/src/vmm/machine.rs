@@ -137,6 +137,8 @@ pub struct Machine {
     p: Platform,
     tsc_khz: Option<u32>,
     ticker_stop: Arc<AtomicBool>,
+    /// `HVEMU_PROFILE=1`: guest RIP samples taken at every kick, by address.
+    profile: Option<std::collections::BTreeMap<u64, u64>>,
 }
 
 /// Boots `opts` and runs the VM to its end; returns the process status.
@@ -156,13 +158,12 @@ pub fn run(opts: RunOptions) -> ExitCode {
     let stop = m.run_loop();
     m.p.serial.flush();
     let total = started.elapsed();
-    let ready = m
-        .p
-        .serial
-        .ready
-        .as_ref()
-        .map(|(t, _)| format!("{:.3} s", t.duration_since(started).as_secs_f64()))
-        .unwrap_or_else(|| "never".into());
+    let ready =
+        m.p.serial
+            .ready
+            .as_ref()
+            .map(|(t, _)| format!("{:.3} s", t.duration_since(started).as_secs_f64()))
+            .unwrap_or_else(|| "never".into());
     let why = match &stop {
         Stop::DebugExit(v) => format!("debug-exit port value {v:#x}"),
         Stop::PowerOff => "ACPI power-off".into(),
@@ -176,6 +177,9 @@ pub fn run(opts: RunOptions) -> ExitCode {
         total.as_secs_f64(),
         m.p.stats.total
     );
+    if let Some(samples) = &m.profile {
+        m.print_profile(samples);
+    }
     m.ticker_stop.store(true, Ordering::Relaxed);
     kick::disarm();
     ExitCode::from(stop.exit_status())
@@ -199,18 +203,24 @@ fn kvm_segment(s: &Segment) -> kvm_segment {
     }
 }
 
+/// Opens `/dev/kvm`, or the device named by `HVEMU_KVM_DEVICE` (for tests of the error
+/// path).
 fn open_kvm() -> Result<Kvm, SetupError> {
-    match Kvm::new() {
+    let path = std::env::var("HVEMU_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into());
+    let cpath = std::ffi::CString::new(path.clone())
+        .map_err(|_| SetupError::Kvm(format!("bad KVM device path {path:?}")))?;
+    match Kvm::new_with_path(&cpath) {
         Ok(k) => Ok(k),
         Err(e) => {
             let msg = match e.errno() {
-                libc::ENOENT => "/dev/kvm does not exist: this machine offers no KVM \
-                                 (enable virtualization or load kvm_intel/kvm_amd)"
-                    .to_string(),
-                libc::EACCES | libc::EPERM => "no permission to open /dev/kvm \
-                                               (run as root or join the kvm group)"
-                    .to_string(),
-                _ => format!("cannot open /dev/kvm: {e}"),
+                libc::ENOENT => format!(
+                    "{path} does not exist: this machine offers no KVM \
+                     (enable virtualization or load kvm_intel/kvm_amd)"
+                ),
+                libc::EACCES | libc::EPERM => {
+                    format!("no permission to open {path} (run as root or join the kvm group)")
+                }
+                _ => format!("cannot open {path}: {e}"),
             };
             Err(SetupError::Kvm(msg))
         }
@@ -255,7 +265,9 @@ fn guest_cpuid(kvm: &Kvm, vcpus: u32) -> Result<CpuId, SetupError> {
         let b = &brand[i as usize * 4..];
         (0x8000_0002 + i, [b[0], b[1], b[2], b[3]])
     });
-    for (function, [eax, ebx, ecx, edx]) in hyperv::cpuid_leaves(vcpus).into_iter().chain(brand_leaves) {
+    for (function, [eax, ebx, ecx, edx]) in
+        hyperv::cpuid_leaves(vcpus).into_iter().chain(brand_leaves)
+    {
         entries.push(kvm_cpuid_entry2 {
             function,
             eax,
@@ -316,8 +328,12 @@ impl Machine {
         })
         .map_err(other("KVM_CREATE_PIT2"))?;
 
-        let ram = RamMapping::new(opts.mem_bytes)
-            .map_err(|e| SetupError::Other(format!("cannot map {} MiB of guest RAM: {e}", opts.mem_bytes >> 20)))?;
+        let ram = RamMapping::new(opts.mem_bytes).map_err(|e| {
+            SetupError::Other(format!(
+                "cannot map {} MiB of guest RAM: {e}",
+                opts.mem_bytes >> 20
+            ))
+        })?;
         ram.register(&vm)
             .map_err(|e| SetupError::Other(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
         let mem = ram.guest_memory();
@@ -410,15 +426,23 @@ impl Machine {
             .map_err(|e| SetupError::Other(format!("installing signal handlers: {e}")))?;
         let tick = Arc::new(AtomicBool::new(false));
         let ticker_stop = Arc::new(AtomicBool::new(false));
-        start_ticker(Duration::from_millis(opts.poll_ms), kicker, tick.clone(), ticker_stop.clone())
-            .map_err(|e| SetupError::Other(format!("starting the poll thread: {e}")))?;
-        let control = match &opts.control {
-            Some(p) => Some(Server::start(p, kicker).map_err(|e| {
-                SetupError::Other(format!("control socket {}: {e}", p.display()))
-            })?),
-            None => None,
-        };
+        start_ticker(
+            Duration::from_millis(opts.poll_ms),
+            kicker,
+            tick.clone(),
+            ticker_stop.clone(),
+        )
+        .map_err(|e| SetupError::Other(format!("starting the poll thread: {e}")))?;
+        let control =
+            match &opts.control {
+                Some(p) => Some(Server::start(p, kicker).map_err(|e| {
+                    SetupError::Other(format!("control socket {}: {e}", p.display()))
+                })?),
+                None => None,
+            };
 
+        let mut nics = Nics::new();
+        nics.set_waker(kicker, tick.clone());
         let mut p = Platform {
             vm,
             _kvm: kvm,
@@ -426,7 +450,7 @@ impl Machine {
             host,
             hv: HyperV::new(),
             serial: Serial::new(out),
-            nics: Nics::new(),
+            nics,
             control,
             notified,
             tick,
@@ -455,6 +479,7 @@ impl Machine {
             p,
             tsc_khz,
             ticker_stop,
+            profile: std::env::var_os("HVEMU_PROFILE").map(|_| Default::default()),
         })
     }
 
@@ -470,6 +495,13 @@ impl Machine {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.vcpu.set_kvm_immediate_exit(0);
                     self.p.stats.kicks += 1;
+                    if let Some(samples) = &mut self.profile {
+                        if let Ok(r) = self.vcpu.get_regs() {
+                            *samples.entry(r.rip).or_default() += 1;
+                        }
+                        // Keep the ticker running even without NICs.
+                        self.p.tick.store(false, Ordering::Release);
+                    }
                     After::Nothing
                 }
                 Err(e) => After::Stop(Stop::Failed(format!("KVM_RUN: {e}"))),
@@ -482,6 +514,11 @@ impl Machine {
                         self.p
                             .hv
                             .hypercall(r.rcx, r.r11, r.r8, &self.p.mem, &mut self.p.host);
+                        // A signal may have made a NIC transmit: forward it now rather
+                        // than at the next tick.
+                        if !self.p.nics.is_empty() {
+                            self.p.nics.pump(&mut self.p.host);
+                        }
                         self.p.deliver();
                     }
                     Err(e) => return Stop::Failed(format!("KVM_GET_REGS: {e}")),
@@ -522,6 +559,22 @@ impl Machine {
         }
     }
 
+    /// The most frequent guest RIPs sampled at kicks (symbolize them with
+    /// `addr2line -f -e KERNEL ADDR...`). The samples are where the guest was when the
+    /// poll period ended, so they show where guest CPU time goes.
+    fn print_profile(&self, samples: &std::collections::BTreeMap<u64, u64>) {
+        let total: u64 = samples.values().sum();
+        let mut top: Vec<(u64, u64)> = samples.iter().map(|(&a, &n)| (n, a)).collect();
+        top.sort_unstable_by(|a, b| b.cmp(a));
+        eprintln!("hvemu-vmm: profile: {total} RIP samples, most frequent:");
+        for (n, addr) in top.into_iter().take(20) {
+            eprintln!(
+                "  {addr:#x} {n} ({:.1}%)",
+                n as f64 * 100.0 / total.max(1) as f64
+            );
+        }
+    }
+
     fn dump_state(&mut self, why: &str) {
         eprintln!("hvemu-vmm: {why}");
         if let Ok(r) = self.vcpu.get_regs() {
@@ -553,8 +606,11 @@ fn start_ticker(
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(period);
-                tick.store(true, Ordering::Release);
-                kicker.kick();
+                // Kick only when the last tick was consumed and there is work for ticks
+                // (the loop sets the flag back to false only while NICs exist).
+                if !tick.swap(true, Ordering::AcqRel) {
+                    kicker.kick();
+                }
             }
         })
         .map(|_| ())
@@ -599,7 +655,12 @@ impl Platform {
             VcpuExit::X86Wrmsr(exit) => {
                 self.stats.msr += 1;
                 if !hyperv::MSR_RANGE.contains(&exit.index) {
-                    log::debug!("wrmsr {:#x}={:#x}: #GP ({:?})", exit.index, exit.data, exit.reason);
+                    log::debug!(
+                        "wrmsr {:#x}={:#x}: #GP ({:?})",
+                        exit.index,
+                        exit.data,
+                        exit.reason
+                    );
                     *exit.error = 1;
                     return After::Nothing;
                 }
@@ -632,7 +693,9 @@ impl Platform {
                 std::thread::sleep(Duration::from_millis(1));
                 After::Nothing
             }
-            VcpuExit::Shutdown => After::Stop(Stop::Failed("guest shut down (triple fault)".into())),
+            VcpuExit::Shutdown => {
+                After::Stop(Stop::Failed("guest shut down (triple fault)".into()))
+            }
             VcpuExit::SystemEvent(kind, _) => {
                 After::Stop(Stop::Failed(format!("guest system event {kind}")))
             }
@@ -726,7 +789,9 @@ impl Platform {
             let answer = self.answer(&p.request);
             let _ = p.reply.send(answer);
         }
-        if self.tick.swap(false, Ordering::Acquire) && !self.nics.is_empty() {
+        // The ticker kicks only after the previous tick was taken; with no NICs the tick
+        // is left set, so an idle VM without NICs is not woken every poll period.
+        if !self.nics.is_empty() && self.tick.swap(false, Ordering::AcqRel) {
             self.nics.pump(&mut self.host);
         }
         if self.notified.get() || self.host.pending_messages() > 0 || self.host.events_pending() {
@@ -756,7 +821,9 @@ impl Platform {
                 log::info!("vmm: hot-added {line}");
                 Ok(format!(
                     "nic {id} added (mac {}, {} queue(s)); the guest sees the offer {}",
-                    spec.mac.map(|m| format_mac(&m)).unwrap_or_else(|| format_mac(&super::nic::default_mac(id))),
+                    spec.mac
+                        .map(|m| format_mac(&m))
+                        .unwrap_or_else(|| format_mac(&super::nic::default_mac(id))),
                     spec.queues,
                     if self.host.connection().is_some_and(|c| c.offers_requested) {
                         "now"
@@ -787,7 +854,11 @@ impl Platform {
             Some(c) => format!(
                 "connected, version {}, offers {}",
                 c.version,
-                if c.offers_requested { "requested" } else { "not requested" }
+                if c.offers_requested {
+                    "requested"
+                } else {
+                    "not requested"
+                }
             ),
             None => "not connected".into(),
         };
@@ -822,7 +893,18 @@ impl Platform {
                 hs.live_gpadls,
                 hs.violations.len()
             ),
-            format!("nics: {}", self.nics.len()),
+            format!(
+                "nics: {}; internal LAN DHCP leases: {}",
+                self.nics.len(),
+                match self.nics.leases() {
+                    l if l.is_empty() => "none".to_string(),
+                    l => l
+                        .iter()
+                        .map(|(mac, ip)| format!("{} {ip}", format_mac(mac)))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }
+            ),
             format!(
                 "exits: {} (io {}, msr {}, mmio {}, kicks {}, hlt {})",
                 s.total, s.io, s.msr, s.mmio, s.kicks, s.hlt

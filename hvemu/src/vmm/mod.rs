@@ -3,8 +3,9 @@
 //!
 //! This tree is compiled into the `hvemu-vmm` binary (`src/bin/hvemu-vmm.rs` includes it
 //! with `#[path]`), not into the `hvemu` library: the library forbids `unsafe` code, and a
-//! VMM needs a little of it (mapping guest RAM, registering it with KVM, the kick signal).
-//! Every `unsafe` block is in [`ram`] or [`kick`] and carries a `// SAFETY:` comment.
+//! VMM needs a little of it (mapping guest RAM, registering it with KVM, the kick signal,
+//! the TAP ioctl and poll). Every `unsafe` block is in [`ram`], [`kick`] or [`nic`] and
+//! carries a `// SAFETY:` comment.
 //!
 //! # What the guest sees
 //!
@@ -34,14 +35,15 @@
 //!   (`KVM_MSR_EXIT_REASON_FILTER | UNKNOWN | INVAL`) turns every access into a
 //!   `KVM_EXIT_X86_RDMSR`/`WRMSR` handled here; unknown MSRs get a #GP.
 //! * `vmcall` livelocks, so the hypercall page this VMM writes when the guest enables the
-//!   HYPERCALL MSR does not use it. Its code (64-bit only) is
-//!   `mov r11, rdx; mov edx, 0x8000; out dx, eax; in eax, dx; mov rdx, r11; ret`: the
-//!   `out` exit lets the VMM read RCX (control), R11 (input GPA or fast input) and R8
-//!   (output GPA) with `KVM_GET_REGS` and run the call; the `in` that follows returns the
-//!   32-bit result in EAX (zero-extended into RAX: status in bits 0..15, no reps). No
-//!   register is changed behind KVM's back, so it works however KVM completes port I/O
-//!   (natively or in its instruction emulator). R11 is clobbered, which Linux's and
-//!   hvnet's hypercall callers already declare.
+//!   HYPERCALL MSR does not use it. Its code (64-bit only) is `pushfq; cli; mov r11, rdx;
+//!   mov edx, 0x8000; out dx, eax; in eax, dx; mov rdx, r11; popfq; ret`: the `out` exit
+//!   lets the VMM read RCX (control), R11 (input GPA or fast input) and R8 (output GPA)
+//!   with `KVM_GET_REGS` and run the call; the `in` that follows returns the 32-bit result
+//!   in EAX (zero-extended into RAX: status in bits 0..15, no reps). No register is
+//!   changed behind KVM's back, so it works however KVM completes port I/O (natively or in
+//!   its instruction emulator). Interrupts are off between the two exits so no handler's
+//!   hypercall can come in between. R11 is clobbered, which Linux's and hvnet's hypercall
+//!   callers already declare (Linux: R8-R11).
 //!
 //! # Event loop
 //!
@@ -52,15 +54,32 @@
 //!
 //! * right after the exits that can create it (hypercalls, EOM and SynIC MSR writes), and
 //! * whenever the vCPU thread is kicked out of `KVM_RUN`: a helper thread kicks it every
-//!   few milliseconds (the poll period), and the control server kicks it when a command
-//!   arrives.
+//!   few milliseconds (the poll period) while NICs exist, a thread per TAP kicks it as
+//!   soon as a frame arrives, and the control server kicks it when a command arrives.
 //!
 //! A kick is a real-time signal sent with `pthread_kill` to the vCPU thread; its handler
 //! sets `kvm_run.immediate_exit`, so a kick that lands just before `KVM_RUN` is not lost:
 //! KVM returns `EINTR` at once. A halted guest (HLT handled by the in-kernel LAPIC)
 //! blocks inside `KVM_RUN`; the signal interrupts it, the loop does the host work, and
 //! if that work injected an interrupt (`KVM_SIGNAL_MSI`) the next `KVM_RUN` wakes the
-//! guest. Only one vCPU is supported.
+//! guest.
+//!
+//! # NICs
+//!
+//! `nic add` (or `run --nic`) creates an hvemu netvsp device on the VMBus host; the guest
+//! sees the offer at once if it has connected. Without `--tap` the NIC joins the internal
+//! LAN (hvemu's switch with a simulated DHCP server at 10.0.2.2 leasing 10.0.2.15 and
+//! up); with `--tap NAME` it is bridged to a host TAP device (created if missing; the
+//! caller moves it into a namespace or bridge, and runs dnsmasq or whatever peers it
+//! wants there). `nic remove` rescinds the device.
+//!
+//! # Limits
+//!
+//! One vCPU; RAM up to 3 GiB (below the MMIO hole); 64-bit guests only (the hypercall
+//! page code). Not emulated: synthetic timers, the VP assist page, crash and frequency
+//! MSRs (not advertised, #GP), auto-EOI (CPUID recommends against it), SIMP/SIEFP as
+//! overlay pages (they are the guest's RAM, as in KVM). `HVEMU_PROFILE=1` samples guest
+//! RIPs at every kick, to see where an emulated guest spends its time.
 
 pub mod acpi;
 pub mod boot;

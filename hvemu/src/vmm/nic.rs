@@ -1,6 +1,7 @@
 //! Emulated NICs: hvemu's netvsp devices on the VMBus host, each wired either to a host
-//! TAP device (real Linux peers) or to the VMM's internal learning switch (the NICs of
-//! this VM see each other).
+//! TAP device (real Linux peers) or to the VMM's internal LAN: hvemu's [`Lan`] (a
+//! learning switch) with a simulated DHCP server on it, so NICs without a TAP get
+//! addresses and see each other with no host networking at all.
 //!
 //! Frames move when the event loop calls [`Nics::pump`]: guest-to-wire frames the netvsp
 //! collected go out, wire-to-guest frames are queued on the netvsp, then every device is
@@ -9,19 +10,32 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use hvemu::lan::Lan;
 use hvemu::netvsp::{Netvsp, NetvspConfig, NetvspHandle};
-use hvemu::switch::{PortId, Switch};
+use hvemu::peers::{shared, DhcpServer, DhcpServerConfig, Shared};
+use hvemu::switch::PortId;
 use hvemu::{DeviceId, VmbusHost};
 
 use super::cli::{format_mac, NicSpec};
+use super::kick::Kicker;
 
 /// Where a NIC's frames go.
 enum Backend {
-    Switch(PortId),
+    Lan(PortId),
     Tap(Tap),
 }
+
+/// The internal LAN's DHCP server: its address (also the router it hands out).
+pub const LAN_SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+/// First address the internal LAN's DHCP server leases.
+pub const LAN_POOL_START: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 
 struct Nic {
     device: DeviceId,
@@ -29,16 +43,20 @@ struct Nic {
     spec: NicSpec,
     mac: [u8; 6],
     backend: Backend,
-    /// Frames moved to and from the wire.
+    /// Frames moved to and from a TAP.
     to_wire: u64,
     from_wire: u64,
 }
 
 /// The VM's NICs.
 pub struct Nics {
-    switch: Switch,
+    lan: Lan,
+    dhcp: Shared<DhcpServer>,
     nics: BTreeMap<u32, Nic>,
     next_id: u32,
+    started: Instant,
+    /// How a TAP's waker thread gets the event loop to read it (see [`Nics::set_waker`]).
+    waker: Option<(Kicker, Arc<AtomicBool>)>,
 }
 
 impl std::fmt::Debug for Nics {
@@ -65,13 +83,35 @@ pub fn default_mac(id: u32) -> [u8; 6] {
 }
 
 impl Nics {
-    /// No NICs, an empty switch.
+    /// No NICs; the internal LAN with its DHCP server (10.0.2.2, leases from 10.0.2.15).
     pub fn new() -> Self {
+        let dhcp = shared(DhcpServer::new(DhcpServerConfig {
+            mac: [0x02, 0x15, 0x5d, 0xff, 0x00, 0x02],
+            server_ip: LAN_SERVER_IP,
+            prefix_len: 24,
+            pool_start: LAN_POOL_START,
+            pool_size: 64,
+            router: Some(LAN_SERVER_IP),
+            dns: Vec::new(),
+            lease_secs: 3600,
+        }));
+        let mut lan = Lan::new();
+        lan.attach_peer(dhcp.clone());
         Nics {
-            switch: Switch::new(),
+            lan,
+            dhcp,
             nics: BTreeMap::new(),
             next_id: 1,
+            started: Instant::now(),
+            waker: None,
         }
+    }
+
+    /// Lets TAP back ends wake the event loop as soon as a frame arrives: a waker thread
+    /// per TAP sets `pending` (the loop's poll flag) and kicks the vCPU thread. Without
+    /// it, TAPs are read every poll period.
+    pub fn set_waker(&mut self, kicker: Kicker, pending: Arc<AtomicBool>) {
+        self.waker = Some((kicker, pending));
     }
 
     /// Number of NICs.
@@ -93,13 +133,24 @@ impl Nics {
             return Err(format!("MAC {} is already in use", format_mac(&mac)));
         }
         if let Some(tap) = &spec.tap {
-            if self.nics.values().any(|n| n.spec.tap.as_deref() == Some(tap)) {
+            if self
+                .nics
+                .values()
+                .any(|n| n.spec.tap.as_deref() == Some(tap))
+            {
                 return Err(format!("TAP {tap} is already used by another NIC"));
             }
         }
-        let backend = match &spec.tap {
-            Some(name) => Backend::Tap(Tap::open(name).map_err(|e| format!("TAP {name}: {e}"))?),
-            None => Backend::Switch(self.switch.add_port()),
+        let tap = match &spec.tap {
+            Some(name) => {
+                let mut tap = Tap::open(name).map_err(|e| format!("TAP {name}: {e}"))?;
+                if let Some((kicker, pending)) = &self.waker {
+                    tap.start_waker(*kicker, pending.clone())
+                        .map_err(|e| format!("TAP {name}: waker thread: {e}"))?;
+                }
+                Some(tap)
+            }
+            None => None,
         };
         let netvsp = Netvsp::new(NetvspConfig {
             mac,
@@ -107,6 +158,10 @@ impl Nics {
             ..NetvspConfig::default()
         });
         let handle = netvsp.handle();
+        let backend = match tap {
+            Some(t) => Backend::Tap(t),
+            None => Backend::Lan(self.lan.attach_nic(handle.clone())),
+        };
         let device = host.add_device(netvsp.into_device_spec(instance_id(id)));
         self.next_id += 1;
         self.nics.insert(
@@ -126,67 +181,66 @@ impl Nics {
 
     /// Hot-removes NIC `id` (the host rescinds its channels).
     pub fn remove(&mut self, host: &mut VmbusHost, id: u32) -> Result<(), String> {
-        let nic = self.nics.remove(&id).ok_or_else(|| format!("no NIC {id}"))?;
+        let nic = self
+            .nics
+            .remove(&id)
+            .ok_or_else(|| format!("no NIC {id}"))?;
         host.remove_device(nic.device);
-        if let Backend::Switch(port) = nic.backend {
-            self.switch.remove_port(port);
+        if let Backend::Lan(port) = nic.backend {
+            self.lan.detach(port);
         }
         Ok(())
     }
 
-    /// Moves frames between every NIC and its wire, then polls the devices. Returns
-    /// whether any frame moved.
+    /// Moves frames between every NIC and its wire (TAPs, then the internal LAN with its
+    /// DHCP server), then polls the devices. Returns whether any frame moved.
     pub fn pump(&mut self, host: &mut VmbusHost) -> bool {
         let mut moved = false;
         let mut buf = vec![0u8; 65536];
         for nic in self.nics.values_mut() {
-            match &mut nic.backend {
-                Backend::Switch(port) => {
-                    let (up, down) = self.switch.pump_nic(*port, &nic.handle);
-                    nic.to_wire += up as u64;
-                    nic.from_wire += down as u64;
-                    moved |= up + down > 0;
+            let Backend::Tap(tap) = &mut nic.backend else {
+                continue;
+            };
+            while let Some(frame) = nic.handle.take_from_guest() {
+                if let Err(e) = tap.file.write_all(&frame) {
+                    log::debug!("tap {}: write: {e}", tap.name);
                 }
-                Backend::Tap(tap) => {
-                    while let Some(frame) = nic.handle.take_from_guest() {
-                        if let Err(e) = tap.file.write_all(&frame) {
-                            log::debug!("tap {}: write: {e}", tap.name);
-                        }
-                        nic.to_wire += 1;
+                nic.to_wire += 1;
+                moved = true;
+            }
+            loop {
+                match tap.file.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        nic.handle.send_to_guest(&buf[..n]);
+                        nic.from_wire += 1;
                         moved = true;
                     }
-                    loop {
-                        match tap.file.read(&mut buf) {
-                            Ok(0) => break,
-                            Ok(n) => {
-                                nic.handle.send_to_guest(&buf[..n]);
-                                nic.from_wire += 1;
-                                moved = true;
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                            Err(e) => {
-                                log::debug!("tap {}: read: {e}", tap.name);
-                                break;
-                            }
-                        }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        log::debug!("tap {}: read: {e}", tap.name);
+                        break;
                     }
                 }
             }
         }
-        // A second switch pass delivers what one NIC sent to another within this poll.
-        if moved {
-            for nic in self.nics.values_mut() {
-                if let Backend::Switch(port) = nic.backend {
-                    let (_, down) = self.switch.pump_nic(port, &nic.handle);
-                    nic.from_wire += down as u64;
-                }
-            }
-        }
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        moved |= self.lan.step(now_ms) > 0;
         for nic in self.nics.values() {
             host.poll_device(nic.device);
         }
         moved
+    }
+
+    /// The internal LAN's DHCP leases: `(mac, address)`.
+    pub fn leases(&self) -> Vec<([u8; 6], Ipv4Addr)> {
+        self.dhcp
+            .borrow()
+            .leases()
+            .iter()
+            .map(|l| (l.mac, l.ip))
+            .collect()
     }
 
     /// One line per NIC.
@@ -197,14 +251,18 @@ impl Nics {
                 let st = n.handle.state();
                 let stats = n.handle.stats();
                 let channels = host.device_channels(n.device);
+                let lease = self.dhcp.borrow().lease_of(n.mac);
                 format!(
-                    "nic {id}: mac {} queues {} ({} offered, {} open) backend {} nvsp {} rndis {} link {} rx {} tx {} wire-out {} wire-in {}",
+                    "nic {id}: mac {} queues {} ({} offered, {} open) backend {} nvsp {} rndis {} link {} rx {} tx {} tap-out {} tap-in {}",
                     format_mac(&n.mac),
                     n.spec.queues,
                     channels.len(),
                     st.queues_open.len(),
                     match &n.backend {
-                        Backend::Switch(p) => format!("switch:{}", p.0),
+                        Backend::Lan(_) => match lease {
+                            Some(l) => format!("lan (lease {})", l.ip),
+                            None => "lan (no lease)".to_string(),
+                        },
                         Backend::Tap(t) => format!("tap:{}", t.name),
                     },
                     st.nvsp_version
@@ -232,6 +290,14 @@ impl Default for Nics {
 struct Tap {
     name: String,
     file: File,
+    /// Stops the waker thread (set when the NIC goes away).
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
 }
 
 impl Tap {
@@ -260,11 +326,57 @@ impl Tap {
         Ok(Tap {
             name: name.to_string(),
             file,
+            stop: Arc::new(AtomicBool::new(false)),
         })
     }
-}
 
-use std::os::unix::fs::OpenOptionsExt;
+    /// Starts a thread that waits for the TAP to become readable, then sets `pending`
+    /// and kicks the vCPU thread, and waits until the loop took the flag (it drains the
+    /// TAP when it does) before waiting again.
+    fn start_waker(&mut self, kicker: Kicker, pending: Arc<AtomicBool>) -> io::Result<()> {
+        let file = self.file.try_clone()?;
+        let stop = self.stop.clone();
+        std::thread::Builder::new()
+            .name(format!("hvemu-tap-{}", self.name))
+            .spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    let mut pfd = libc::pollfd {
+                        fd: file.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid `pollfd` for a descriptor this thread owns (a
+                    // duplicate of the TAP's), with a timeout so `stop` is seen.
+                    let r = unsafe { libc::poll(&mut pfd, 1, 100) };
+                    if r < 0 {
+                        if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        break;
+                    }
+                    if r == 0 {
+                        continue;
+                    }
+                    if pfd.revents & libc::POLLIN == 0 {
+                        break; // hang-up or error: the TAP is gone
+                    }
+                    if !pending.swap(true, Ordering::AcqRel) {
+                        kicker.kick();
+                    }
+                    // Let the loop drain the TAP before polling again (bounded, so a
+                    // loop that is busy elsewhere does not stall us for long).
+                    let t = Instant::now();
+                    while pending.load(Ordering::Acquire)
+                        && t.elapsed() < Duration::from_millis(20)
+                        && !stop.load(Ordering::Acquire)
+                    {
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                }
+            })?;
+        Ok(())
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -279,7 +391,7 @@ mod tests {
     }
 
     #[test]
-    fn add_list_remove_on_the_switch() {
+    fn add_list_remove_on_the_lan() {
         let mem = hvemu::GuestMemory::new(16, 1);
         let mut host = VmbusHost::new(hvemu::HostConfig::default(), mem);
         let mut nics = Nics::new();
@@ -293,11 +405,18 @@ mod tests {
             mac: Some(default_mac(1)),
             ..spec.clone()
         };
-        assert!(nics.add(&mut host, &dup).unwrap_err().contains("already in use"));
+        assert!(nics
+            .add(&mut host, &dup)
+            .unwrap_err()
+            .contains("already in use"));
         let list = nics.list(&host);
         assert_eq!(list.len(), 2);
-        assert!(list[0].starts_with("nic 1: mac 00:15:5d:00:00:01 queues 4"), "{}", list[0]);
-        assert!(list[1].contains("switch:1"));
+        assert!(
+            list[0].starts_with("nic 1: mac 00:15:5d:00:00:01 queues 4"),
+            "{}",
+            list[0]
+        );
+        assert!(list[1].contains("backend lan (no lease)"), "{}", list[1]);
         assert!(!nics.pump(&mut host));
         nics.remove(&mut host, 1).unwrap();
         assert!(nics.remove(&mut host, 1).unwrap_err().contains("no NIC 1"));

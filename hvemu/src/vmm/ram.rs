@@ -28,7 +28,8 @@ unsafe impl Sync for RamMapping {}
 impl RamMapping {
     /// Maps `size` bytes of zeroed RAM (lazily backed: untouched pages cost nothing).
     pub fn new(size: u64) -> io::Result<Arc<Self>> {
-        let size = usize::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let size =
+            usize::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: a fresh anonymous mapping at an address the kernel picks; no existing
         // memory is affected. The result is checked before use.
         let ptr = unsafe {
