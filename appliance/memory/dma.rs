@@ -35,24 +35,39 @@ pub fn free_pages(start: u64, pages: u64) {
     }
 }
 
-/// Zeroes `[addr, addr + len)` with volatile stores.
+/// Zeroes `[addr, addr + len)`.
+///
+/// The whole-word part is one `rep stosq`: under an instruction-emulating hypervisor
+/// (KVM-PVM in the test VMM) that is one emulated instruction instead of millions of
+/// stores, which took a 16 MiB receive buffer from about 15 s to well under one.
 ///
 /// # Safety
 /// The range must be mapped, writable memory the caller owns (possibly shared with the
 /// host, never with Rust references).
 pub unsafe fn zero_phys(addr: u64, len: usize) {
-    let mut i = 0usize;
-    while i < len {
-        let a = addr + i as u64;
-        if a.is_multiple_of(8) && i + 8 <= len {
-            // SAFETY: inside the caller's range, 8-byte aligned.
-            unsafe { core::ptr::write_volatile(a as *mut u64, 0) };
-            i += 8;
-        } else {
-            // SAFETY: inside the caller's range.
-            unsafe { core::ptr::write_volatile(a as *mut u8, 0) };
-            i += 1;
+    let head = (addr.next_multiple_of(8) - addr).min(len as u64) as usize;
+    for i in 0..head {
+        // SAFETY: inside the caller's range.
+        unsafe { core::ptr::write_volatile((addr + i as u64) as *mut u8, 0) };
+    }
+    let words = (len - head) / 8;
+    if words > 0 {
+        // SAFETY: [addr + head, addr + head + 8 * words) is inside the caller's range and
+        // 8-byte aligned; `rep stosq` writes exactly that (direction flag is clear, as
+        // the ABI guarantees) and clobbers only rdi, rcx.
+        unsafe {
+            core::arch::asm!(
+                "rep stosq",
+                inout("rdi") addr + head as u64 => _,
+                inout("rcx") words => _,
+                in("rax") 0u64,
+                options(nostack, preserves_flags)
+            );
         }
+    }
+    for i in head + words * 8..len {
+        // SAFETY: inside the caller's range.
+        unsafe { core::ptr::write_volatile((addr + i as u64) as *mut u8, 0) };
     }
 }
 
