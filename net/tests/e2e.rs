@@ -16,27 +16,16 @@ use hvemu::{DeviceId, GuestMemory, HostConfig, VmbusHost};
 use hvnet_net::InterfaceManager;
 use hvnet_netvsc::nic::NicRegistry;
 use hvnet_netvsc::{NetvscConfig, NetvscDriver};
-use hvnet_runtime::irq::IrqSignal;
 use hvnet_runtime::testing::check_seeds;
 use hvnet_runtime::{Duration, Handle, Instant};
 use hvnet_vmbus::bus::{VmBus, VmBusConfig};
 use support::{
-    dhcp_config, heap_live, host_scope, sim, test_config, wait_until, CountingAlloc, EmuAllocator,
-    EmuHypervisor, PEER_IP,
+    dhcp_config, emu_machine, ensure, heap_live, host_scope, sim, test_config, wait_until,
+    CountingAlloc, EmuMachine, Res, PEER_IP,
 };
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
-
-type Res = Result<(), String>;
-
-fn ensure(cond: bool, what: impl FnOnce() -> String) -> Res {
-    if cond {
-        Ok(())
-    } else {
-        Err(what())
-    }
-}
 
 /// Host and guest of one test.
 struct Stack {
@@ -71,29 +60,12 @@ fn netvsc_config() -> NetvscConfig {
 }
 
 fn stack(handle: &Handle, seed: u64) -> Rc<Stack> {
-    let memory = host_scope(|| GuestMemory::new(1 << 17, seed));
-    let host = host_scope(|| {
-        Rc::new(RefCell::new(VmbusHost::new(
-            HostConfig {
-                seed,
-                ..HostConfig::default()
-            },
-            memory.clone(),
-        )))
-    });
-    let irq: &'static IrqSignal = Box::leak(Box::new(IrqSignal::named("vmbus SINT")));
-    host_scope(|| host.borrow_mut().set_notify(Box::new(move || irq.raise())));
-    let bus = VmBus::new(
-        handle,
-        Rc::new(EmuHypervisor {
-            host: host.clone(),
-            irq,
-        }),
-        Rc::new(EmuAllocator {
-            memory: memory.clone(),
-        }),
-        VmBusConfig::default(),
-    );
+    let host_config = HostConfig {
+        seed,
+        ..HostConfig::default()
+    };
+    let EmuMachine { host, memory, bus } =
+        emu_machine(handle, host_config, VmBusConfig::default(), 1 << 17, seed);
     let manager = InterfaceManager::new(handle.clone(), test_config());
     bus.register_driver(Rc::new(NetvscDriver::new(
         Rc::new(manager.clone()),

@@ -30,16 +30,6 @@ fn sim(seed: u64) -> Simulation {
     )
 }
 
-type Res = Result<(), String>;
-
-fn ensure(cond: bool, what: impl FnOnce() -> String) -> Res {
-    if cond {
-        Ok(())
-    } else {
-        Err(what())
-    }
-}
-
 /// Receives frames until `n` arrived or `limit` passed.
 async fn receive_n(h: &Handle, nic: &Rc<dyn Nic>, n: usize, limit: Duration) -> Vec<Vec<u8>> {
     let deadline = h.now().saturating_add(limit);

@@ -14,7 +14,6 @@ use hvemu::netvsp::{Netvsp, NetvspConfig, NetvspHandle};
 use hvemu::{DeviceId, GuestMemory, HostConfig, VmbusHost};
 use hvnet_netvsc::nic::{Nic, NicRegistry};
 use hvnet_netvsc::{NetvscConfig, NetvscDriver, NetvscNic};
-use hvnet_runtime::irq::IrqSignal;
 use hvnet_runtime::sync::Semaphore;
 use hvnet_runtime::{ConfigLock, Duration, Handle};
 use hvnet_vmbus::bus::{VmBus, VmBusConfig};
@@ -66,24 +65,12 @@ pub fn test_netvsc_config() -> NetvscConfig {
 }
 
 pub fn net_world(handle: &Handle, seed: u64, config: NetvscConfig) -> NetWorld {
-    let memory = GuestMemory::new(1 << 16, seed);
-    let host = Rc::new(RefCell::new(VmbusHost::new(
-        HostConfig {
-            seed,
-            ..HostConfig::default()
-        },
-        memory.clone(),
-    )));
-    let irq: &'static IrqSignal = Box::leak(Box::new(IrqSignal::named("vmbus SINT")));
-    host.borrow_mut().set_notify(Box::new(move || irq.raise()));
-    let hv = Rc::new(EmuHypervisor {
-        host: host.clone(),
-        irq,
-    });
-    let mem = Rc::new(EmuAllocator {
-        memory: memory.clone(),
-    });
-    let bus = VmBus::new(handle, hv, mem, VmBusConfig::default());
+    let host_config = HostConfig {
+        seed,
+        ..HostConfig::default()
+    };
+    let EmuMachine { host, memory, bus } =
+        emu_machine(handle, host_config, VmBusConfig::default(), 1 << 16, seed);
     let registry = Rc::new(Registry {
         lock: ConfigLock::new("rtnl", Vec::new()),
         registered: Semaphore::named("nics registered", 0),

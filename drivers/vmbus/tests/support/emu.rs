@@ -10,8 +10,10 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::vec::Vec;
 
-use hvemu::{GuestMemory, VmbusHost};
+use hvemu::{GuestMemory, HostConfig, VmbusHost};
 use hvnet_runtime::irq::IrqSignal;
+use hvnet_runtime::Handle;
+use hvnet_vmbus::bus::{VmBus, VmBusConfig};
 use hvnet_vmbus::memory::{DmaAllocator, MemoryError, SharedBuffer, PAGE_SIZE};
 use hvnet_vmbus::platform::{HvStatus, Hypervisor, SynicMessage};
 
@@ -230,5 +232,51 @@ impl DmaAllocator for EmuAllocator {
             memory: self.memory.clone(),
             pfns,
         }))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A machine: the guest bus wired to a fresh emulated host.
+
+/// The emulated host, its guest memory, and the guest's bus connected to both.
+pub struct EmuMachine {
+    pub host: Rc<RefCell<VmbusHost>>,
+    pub memory: GuestMemory,
+    pub bus: VmBus,
+}
+
+/// Builds an [`EmuMachine`] with `pages` pages of guest memory. Host objects are made as
+/// host code, so guest heap accounting sees only the guest.
+pub fn emu_machine(
+    handle: &Handle,
+    host_config: HostConfig,
+    bus_config: VmBusConfig,
+    pages: usize,
+    seed: u64,
+) -> EmuMachine {
+    let memory = host_scope(|| GuestMemory::new(pages, seed));
+    let host = host_scope(|| Rc::new(RefCell::new(VmbusHost::new(host_config, memory.clone()))));
+    let irq: &'static IrqSignal = Box::leak(Box::new(IrqSignal::named("vmbus SINT")));
+    host_scope(|| host.borrow_mut().set_notify(Box::new(move || irq.raise())));
+    let hv = Rc::new(EmuHypervisor {
+        host: host.clone(),
+        irq,
+    });
+    let mem = Rc::new(EmuAllocator {
+        memory: memory.clone(),
+    });
+    let bus = VmBus::new(handle, hv, mem, bus_config);
+    EmuMachine { host, memory, bus }
+}
+
+/// A scenario step's result.
+pub type Res = Result<(), String>;
+
+/// `Err(what())` unless `cond` holds.
+pub fn ensure(cond: bool, what: impl FnOnce() -> String) -> Res {
+    if cond {
+        Ok(())
+    } else {
+        Err(what())
     }
 }

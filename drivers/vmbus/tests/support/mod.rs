@@ -15,7 +15,6 @@ use std::rc::Rc;
 use std::vec::Vec;
 
 use hvemu::{DeviceSpec, Faults, GuestMemory, HostConfig, SubchannelTestDevice, VmbusHost};
-use hvnet_runtime::irq::IrqSignal;
 use hvnet_runtime::sync::Semaphore;
 use hvnet_runtime::ConfigLock;
 use hvnet_vmbus::bus::{Device, Driver, RingSizes, VmBus, VmBusConfig};
@@ -56,18 +55,8 @@ pub fn world(
     bus_config: VmBusConfig,
     seed: u64,
 ) -> World {
-    let memory = GuestMemory::new(1 << 14, seed);
-    let host = Rc::new(RefCell::new(VmbusHost::new(host_config, memory.clone())));
-    let irq: &'static IrqSignal = Box::leak(Box::new(IrqSignal::named("vmbus SINT")));
-    host.borrow_mut().set_notify(Box::new(move || irq.raise()));
-    let hv = Rc::new(EmuHypervisor {
-        host: host.clone(),
-        irq,
-    });
-    let mem = Rc::new(EmuAllocator {
-        memory: memory.clone(),
-    });
-    let bus = VmBus::new(handle, hv, mem, bus_config);
+    let EmuMachine { host, memory, bus } =
+        emu_machine(handle, host_config, bus_config, 1 << 14, seed);
     let rtnl = Rc::new(ConfigLock::new("rtnl", Vec::new()));
     let up = Rc::new(Semaphore::named("interfaces up", 0));
     let removed = Rc::new(Semaphore::named("interfaces removed", 0));
