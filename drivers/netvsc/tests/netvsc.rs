@@ -118,6 +118,21 @@ async fn exchange(h: &Handle, nic: &Rc<dyn Nic>, nv: &NetvspHandle, count: u16) 
     })
 }
 
+/// Runs `body` in a fresh world for `seed` under the simulation, then checks the host
+/// saw no protocol or guest-memory violation.
+fn in_world<F, Fut>(seed: u64, body: F) -> Res
+where
+    F: FnOnce(Rc<NetWorld>, Handle) -> Fut,
+    Fut: std::future::Future<Output = Res> + 'static,
+{
+    let sim = sim(seed);
+    let h = sim.handle();
+    let w = world(&h, seed);
+    sim.run(body(w.clone(), h)).map_err(|e| e.to_string())??;
+    assert_clean(&w);
+    Ok(())
+}
+
 fn world(h: &Handle, seed: u64) -> Rc<NetWorld> {
     let w = Rc::new(net_world(h, seed, test_netvsc_config()));
     spawn_host_pump(h, &w);
@@ -143,12 +158,7 @@ fn assert_clean(w: &NetWorld) {
 #[test]
 fn one_nic_with_eight_queues_negotiates_and_spreads_traffic() {
     check_seeds(20, |seed| {
-        let sim = sim(seed);
-        let h = sim.handle();
-        let w = world(&h, seed);
-        let w2 = w.clone();
-        let result = sim.run(async move {
-            let w = w2;
+        in_world(seed, |w, h| async move {
             w.bus
                 .connect()
                 .await
@@ -203,10 +213,7 @@ fn one_nic_with_eight_queues_negotiates_and_spreads_traffic() {
                 format!("{:?}", netvsc.counters())
             })?;
             Ok::<_, String>(())
-        });
-        result.map_err(|e| e.to_string())??;
-        assert_clean(&w);
-        Ok::<_, String>(())
+        })
     });
 }
 
@@ -265,12 +272,7 @@ fn every_nvsp_version_host_works() {
 #[test]
 fn four_eight_queue_nics_hot_added_at_once() {
     check_seeds(100, |seed| {
-        let sim = sim(seed);
-        let h = sim.handle();
-        let w = world(&h, seed);
-        let w2 = w.clone();
-        let result = sim.run(async move {
-            let w = w2;
+        in_world(seed, |w, h| async move {
             w.bus
                 .connect()
                 .await
@@ -291,10 +293,7 @@ fn four_eight_queue_nics_hot_added_at_once() {
                 exchange(&h, nic, nv, 16).await?;
             }
             Ok::<_, String>(())
-        });
-        result.map_err(|e| e.to_string())??;
-        assert_clean(&w);
-        Ok::<_, String>(())
+        })
     });
 }
 
@@ -472,12 +471,7 @@ fn hot_remove_under_traffic_and_add_remove_cycles_leak_nothing() {
 #[test]
 fn one_subchannel_rescinded_keeps_the_nic() {
     check_seeds(20, |seed| {
-        let sim = sim(seed);
-        let h = sim.handle();
-        let w = world(&h, seed);
-        let w2 = w.clone();
-        let result = sim.run(async move {
-            let w = w2;
+        in_world(seed, |w, h| async move {
             w.bus
                 .connect()
                 .await
@@ -497,10 +491,7 @@ fn one_subchannel_rescinded_keeps_the_nic() {
             })?;
             // The host now steers nothing to queue 3 (it is closed); traffic goes on.
             exchange(&h, &nic, &nv, 64).await
-        });
-        result.map_err(|e| e.to_string())??;
-        assert_clean(&w);
-        Ok::<_, String>(())
+        })
     });
 }
 
