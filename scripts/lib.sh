@@ -115,3 +115,25 @@ hv_get_le() {
     v=$(od -An -v -j "$2" -N "$3" -t u"$3" --endian=little "$1" | tr -d ' \n')
     printf '%s\n' "${v:-0}"
 }
+
+# hv_kvm_unusable: print why /dev/kvm cannot be used here and succeed; fail (print
+# nothing) when it can be opened read-write.
+hv_kvm_unusable() {
+    if [ ! -e /dev/kvm ]; then
+        echo "/dev/kvm does not exist (no KVM on this machine)"
+    elif ! { exec 9<>/dev/kvm; } 2>/dev/null; then
+        echo "/dev/kvm cannot be opened by $(id -un) (permissions, or KVM unusable)"
+    else
+        exec 9>&-
+        return 1
+    fi
+}
+
+# hv_vmm: build hvemu-vmm (release) and print its path.
+hv_vmm() {
+    (cd "$HV_ROOT" && cargo build --quiet --release -p hvemu --bin hvemu-vmm >&2) ||
+        hv_die "building hvemu-vmm failed"
+    local v="${CARGO_TARGET_DIR:-$HV_ROOT/target}/release/hvemu-vmm"
+    [ -x "$v" ] || hv_die "no hvemu-vmm at $v after the build"
+    printf '%s\n' "$v"
+}
