@@ -8,7 +8,8 @@
 HV_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 HV_PROG="$(basename "$0")"
 # Where scripts/build leaves the image kernel (ELF64, Multiboot2 header + PVH note).
-HV_DEFAULT_KERNEL="$HV_ROOT/target/x86_64-unknown-none/release/hvnet"
+HV_TARGET="${CARGO_TARGET_DIR:-$HV_ROOT/target}"
+HV_DEFAULT_KERNEL="$HV_TARGET/x86_64-unknown-none/release/hvnet"
 # Sector and MiB sizes used by the disk layout code.
 HV_SECTOR=512
 HV_MIB=$((1024 * 1024))
