@@ -188,8 +188,8 @@ pub struct NetvscNic {
     pub(crate) handle: Handle,
     pub(crate) config: NetvscConfig,
     pub(crate) nvsp_version: Cell<NvspVersion>,
-    /// Indexed by sub-channel index; `None` for queues not (or no longer) open.
-    queues: RefCell<Vec<Option<Rc<Queue>>>>,
+    /// The open queues, ascending by sub-channel index (the primary first).
+    queues: RefCell<Vec<Rc<Queue>>>,
     pub(crate) recv: RefCell<Option<RecvBuffer>>,
     pub(crate) send: RefCell<Option<SendBuffer>>,
     pub(crate) mac: Cell<[u8; 6]>,
@@ -221,14 +221,12 @@ impl NetvscNic {
         config: NetvscConfig,
         primary: OpenedChannel,
     ) -> Self {
-        let mut queues = vec![None; VRSS_CHANNEL_MAX];
-        queues[0] = Some(Queue::new(0, primary));
         Self {
             id,
             handle,
             config,
             nvsp_version: Cell::new(NvspVersion::PROTOCOL_VERSION_1),
-            queues: RefCell::new(queues),
+            queues: RefCell::new(vec![Queue::new(0, primary)]),
             recv: RefCell::new(None),
             send: RefCell::new(None),
             mac: Cell::new([0; 6]),
@@ -268,12 +266,7 @@ impl NetvscNic {
 
     /// Sub-channel indices of the open queues, ascending.
     pub fn open_queues(&self) -> Vec<u16> {
-        self.queues
-            .borrow()
-            .iter()
-            .flatten()
-            .map(|q| q.index)
-            .collect()
+        self.queues.borrow().iter().map(|q| q.index).collect()
     }
 
     /// Send sections currently free (all of them when idle).
@@ -306,13 +299,13 @@ impl NetvscNic {
     fn queue(&self, index: u16) -> Option<Rc<Queue>> {
         self.queues
             .borrow()
-            .get(usize::from(index))
+            .iter()
+            .find(|q| q.index == index)
             .cloned()
-            .flatten()
     }
 
     fn open_queue_list(&self) -> Vec<Rc<Queue>> {
-        self.queues.borrow().iter().flatten().cloned().collect()
+        self.queues.borrow().clone()
     }
 
     /// Attaches an opened sub-channel as queue `index`. Returns the channel back if the
@@ -325,26 +318,27 @@ impl NetvscNic {
         if self.removed.get() {
             return Err(channel);
         }
-        let mut queues = self.queues.borrow_mut();
-        match queues.get_mut(usize::from(index)) {
-            Some(slot @ None) => {
-                *slot = Some(Queue::new(index, channel));
-                drop(queues);
-                self.bump();
-                Ok(())
-            }
-            _ => Err(channel),
+        if usize::from(index) >= VRSS_CHANNEL_MAX {
+            return Err(channel);
         }
+        let mut queues = self.queues.borrow_mut();
+        let Err(at) = queues.binary_search_by_key(&index, |q| q.index) else {
+            return Err(channel);
+        };
+        queues.insert(at, Queue::new(index, channel));
+        drop(queues);
+        self.bump();
+        Ok(())
     }
 
     /// Forgets queue `index` (its channel was rescinded): sends still in flight on it
     /// will never complete, so their sections come back now and count as errors.
     pub(crate) fn detach_queue(&self, index: u16) -> Option<OpenedChannel> {
-        let queue = self
-            .queues
-            .borrow_mut()
-            .get_mut(usize::from(index))?
-            .take()?;
+        let queue = {
+            let mut queues = self.queues.borrow_mut();
+            let at = queues.iter().position(|q| q.index == index)?;
+            queues.remove(at)
+        };
         if let Some(send) = self.send.borrow_mut().as_mut() {
             let lost = send.sections.reclaim_queue(index) as u64;
             queue.count(|s| s.tx_errors += lost);
@@ -359,12 +353,7 @@ impl NetvscNic {
     /// so a caller that is not handling a rescind can close them.
     pub(crate) fn shut_down(&self) -> Vec<OpenedChannel> {
         self.removed.set(true);
-        let queues: Vec<Rc<Queue>> = self
-            .queues
-            .borrow_mut()
-            .iter_mut()
-            .filter_map(Option::take)
-            .collect();
+        let queues = core::mem::take(&mut *self.queues.borrow_mut());
         let mut subchannels = Vec::new();
         for q in queues {
             if let Some(send) = self.send.borrow_mut().as_mut() {
@@ -440,7 +429,8 @@ impl NetvscNic {
                 .map_err(|_| NetvscError::BadReply("encode"))?;
             let buf = buf.get(..len).ok_or(NetvscError::BadReply("encode"))?;
             loop {
-                match self.send_section(0, NVSP_CHANNEL_TYPE_CONTROL, buf) {
+                let primary = self.primary().ok_or(ChannelError::Rescinded)?;
+                match self.send_section(&primary, NVSP_CHANNEL_TYPE_CONTROL, buf) {
                     Ok(()) => break,
                     Err(NicError::Busy) => self.wait_for_change().await?,
                     Err(_) => return Err(ChannelError::Rescinded.into()),
@@ -865,15 +855,15 @@ impl NetvscNic {
     // ---------------------------------------------------------------------------------
     // Transmit.
 
-    /// Copies one RNDIS message into a free send section and sends it on queue
-    /// `queue_index`; the section comes back with the host's completion.
+    /// Copies one RNDIS message into a free send section and sends it on `queue`; the
+    /// section comes back with the host's completion.
     fn send_section(
         &self,
-        queue_index: u16,
+        queue: &Queue,
         channel_type: u32,
         message: &[u8],
     ) -> Result<(), NicError> {
-        let queue = self.queue(queue_index).ok_or(NicError::Removed)?;
+        let queue_index = queue.index;
         let (section, buf, offset) = {
             let mut send_guard = self.send.borrow_mut();
             let mut send = send_guard.as_mut().ok_or(NicError::Removed)?;
@@ -942,18 +932,13 @@ impl NetvscNic {
     }
 
     /// The queue for a frame: the host's send table entry for its flow hash, if that
-    /// queue is open; otherwise the primary.
-    fn tx_queue(&self, frame: &[u8]) -> u16 {
-        let Some(hash) = flow_hash(frame) else {
-            return 0;
-        };
-        let entry = self.send_table.borrow()[hash as usize % VRSS_SEND_TAB_SIZE];
+    /// queue is open; otherwise the primary (`None` once the NIC has no queues).
+    fn tx_queue(&self, frame: &[u8]) -> Option<Rc<Queue>> {
+        let entry = flow_hash(frame).map_or(0, |hash| {
+            self.send_table.borrow()[hash as usize % VRSS_SEND_TAB_SIZE]
+        });
         let index = u16::try_from(entry).unwrap_or(0);
-        if self.queue(index).is_some() {
-            index
-        } else {
-            0
-        }
+        self.queue(index).or_else(|| self.primary())
     }
 }
 
@@ -979,15 +964,15 @@ impl Nic for NetvscNic {
     }
 
     fn queue_count(&self) -> usize {
-        self.queues.borrow().iter().flatten().count()
+        self.queues.borrow().len()
     }
 
     fn receive(&self, budget: usize, deliver: &mut dyn FnMut(&[u8])) -> usize {
         if self.removed.get() {
             return 0;
         }
-        let queues = self.open_queue_list();
-        if queues.is_empty() {
+        let count = self.queues.borrow().len();
+        if count == 0 {
             return 0;
         }
         let mut delivered = 0;
@@ -1004,15 +989,19 @@ impl Nic for NetvscNic {
                 });
             }
         }
-        let start = self.rx_cursor.get() % queues.len();
+        // Round robin without allocating: this runs once per frame the network side
+        // takes. A queue detached meanwhile just ends the round early.
+        let start = self.rx_cursor.get() % count;
         self.rx_cursor.set(start + 1);
         let mut sink = Sink::Deliver(deliver);
-        for i in 0..queues.len() {
+        for i in 0..count {
             if delivered >= budget {
                 break;
             }
-            let q = &queues[(start + i) % queues.len()];
-            match self.poll_queue(q, &mut sink, budget - delivered) {
+            let Some(q) = self.queues.borrow().get((start + i) % count).cloned() else {
+                break;
+            };
+            match self.poll_queue(&q, &mut sink, budget - delivered) {
                 Ok(n) => delivered += n,
                 Err(e) => debug!("netvsc {}: queue {} poll: {e}", self.id, q.index),
             }
@@ -1040,17 +1029,17 @@ impl Nic for NetvscNic {
         }
         write_packet_header(&mut staged[..TX_HEADER], len);
         fill(&mut staged[TX_HEADER..total]);
-        let queue_index = self.tx_queue(&staged[TX_HEADER..total]);
-        let result = self.send_section(queue_index, NVSP_CHANNEL_TYPE_DATA, &staged[..total]);
-        if let Some(q) = self.queue(queue_index) {
-            match result {
-                Ok(()) => q.count(|s| {
-                    s.tx_packets += 1;
-                    s.tx_bytes += len as u64;
-                }),
-                Err(NicError::Busy) => q.count(|s| s.tx_busy += 1),
-                Err(_) => {}
-            }
+        let queue = self
+            .tx_queue(&staged[TX_HEADER..total])
+            .ok_or(NicError::Removed)?;
+        let result = self.send_section(&queue, NVSP_CHANNEL_TYPE_DATA, &staged[..total]);
+        match result {
+            Ok(()) => queue.count(|s| {
+                s.tx_packets += 1;
+                s.tx_bytes += len as u64;
+            }),
+            Err(NicError::Busy) => queue.count(|s| s.tx_busy += 1),
+            Err(_) => {}
         }
         result
     }
