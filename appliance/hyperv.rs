@@ -96,52 +96,13 @@ impl HvCpu for NativeCpu {
     }
 
     fn hypercall(&self, control: u64, input_gpa: u64, output_gpa: u64) -> u64 {
-        if !HYPERCALL_READY.load(Ordering::Acquire) {
-            return u64::from(hypercall::HvStatus::INVALID_HYPERCALL_CODE.0);
-        }
-        let rax: u64;
-        // SAFETY: the hypervisor has overlaid the page with its call sequence (checked
-        // when enabling); it follows the TLFS convention: RCX control, RDX input GPA, R8
-        // output GPA, result in RAX, near return on our stack. It may clobber R9-R11 (Linux
-        // declares them clobbered too) and flags. The asm may read memory (no `nomem`), so
-        // the input block written before is in place when the hypervisor reads it.
-        unsafe {
-            asm!(
-                "call {page}",
-                page = in(reg) hypercall_page(),
-                inout("rcx") control => _,
-                inout("rdx") input_gpa => _,
-                inout("r8") output_gpa => _,
-                out("r9") _,
-                out("r10") _,
-                out("r11") _,
-                lateout("rax") rax,
-            );
-        }
-        rax
+        call_hypercall_page(control, input_gpa, output_gpa)
     }
 
     fn fast_hypercall(&self, control: u64, rdx: u64, r8: u64) -> u64 {
-        if !HYPERCALL_READY.load(Ordering::Acquire) {
-            return u64::from(hypercall::HvStatus::INVALID_HYPERCALL_CODE.0);
-        }
-        let rax: u64;
-        // SAFETY: as in `hypercall`; a fast call passes its input in RDX and R8 and
-        // touches no guest memory.
-        unsafe {
-            asm!(
-                "call {page}",
-                page = in(reg) hypercall_page(),
-                inout("rcx") control => _,
-                inout("rdx") rdx => _,
-                inout("r8") r8 => _,
-                out("r9") _,
-                out("r10") _,
-                out("r11") _,
-                lateout("rax") rax,
-            );
-        }
-        rax
+        // A fast call passes its input in RDX and R8 instead of GPAs; the calling
+        // sequence is the same.
+        call_hypercall_page(control, rdx, r8)
     }
 }
 
@@ -412,4 +373,32 @@ impl Hypervisor for HvPlatform {
     fn vp_index(&self) -> u32 {
         self.vp_index
     }
+}
+
+/// Calls the hypercall page: RCX control, RDX and R8 input (GPAs, or the values of a
+/// fast call), result in RAX. Refused until the hypervisor has accepted the page.
+fn call_hypercall_page(control: u64, rdx: u64, r8: u64) -> u64 {
+    if !HYPERCALL_READY.load(Ordering::Acquire) {
+        return u64::from(hypercall::HvStatus::INVALID_HYPERCALL_CODE.0);
+    }
+    let rax: u64;
+    // SAFETY: the hypervisor has overlaid the page with its call sequence (checked when
+    // enabling); it follows the TLFS convention: RCX control, RDX/R8 input, result in
+    // RAX, near return on our stack. It may clobber R9-R11 (Linux declares them
+    // clobbered too) and flags. The asm may read memory (no `nomem`), so an input block
+    // written before is in place when the hypervisor reads it.
+    unsafe {
+        asm!(
+            "call {page}",
+            page = in(reg) hypercall_page(),
+            inout("rcx") control => _,
+            inout("rdx") rdx => _,
+            inout("r8") r8 => _,
+            out("r9") _,
+            out("r10") _,
+            out("r11") _,
+            lateout("rax") rax,
+        );
+    }
+    rax
 }
