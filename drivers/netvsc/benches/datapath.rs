@@ -27,14 +27,13 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use hvemu::netvsp::{NetvspConfig, NetvspHandle, RxVerdict};
-use hvemu::{DeviceId, GuestMemory, HostConfig, VmbusHost};
+use hvemu::{DeviceId, HostConfig, VmbusHost};
 use hvnet_netvsc::nic::{Nic, NicError};
-use hvnet_netvsc::{NetvscConfig, NetvscDriver};
+use hvnet_netvsc::NetvscConfig;
 use hvnet_runtime::irq::IrqSignal;
 use hvnet_runtime::sim::{Config, Simulation};
-use hvnet_runtime::sync::Semaphore;
-use hvnet_runtime::{ConfigLock, Duration, Handle};
-use hvnet_vmbus::bus::{VmBus, VmBusConfig};
+use hvnet_runtime::{Duration, Handle};
+use hvnet_vmbus::bus::VmBusConfig;
 use hvnet_vmbus::memory::{DmaAllocator, MemoryError, SharedBuffer};
 use hvnet_vmbus::platform::{HvStatus, Hypervisor, SynicMessage};
 use support::*;
@@ -164,39 +163,24 @@ impl Hypervisor for CountingHypervisor {
 // The world: `support::net_world` with the counting adapters in between.
 
 fn bench_world(handle: &Handle, seed: u64, config: NetvscConfig) -> NetWorld {
-    let memory = host_scope(|| GuestMemory::new(1 << 16, seed));
     let host_config = HostConfig {
         seed,
         ..HostConfig::default()
     };
-    let host = host_scope(|| Rc::new(RefCell::new(VmbusHost::new(host_config, memory.clone()))));
-    let irq: &'static IrqSignal = Box::leak(Box::new(IrqSignal::named("vmbus SINT")));
-    host_scope(|| host.borrow_mut().set_notify(Box::new(move || irq.raise())));
-    let hv = Rc::new(CountingHypervisor {
-        inner: EmuHypervisor {
-            host: host.clone(),
-            irq,
+    let machine = emu_machine_with(
+        handle,
+        host_config,
+        VmBusConfig::default(),
+        1 << 16,
+        seed,
+        |hv, mem| {
+            (
+                Rc::new(CountingHypervisor { inner: hv }),
+                Rc::new(CountingAllocator { inner: mem }),
+            )
         },
-    });
-    let mem = Rc::new(CountingAllocator {
-        inner: EmuAllocator {
-            memory: memory.clone(),
-        },
-    });
-    let bus = VmBus::new(handle, hv, mem, VmBusConfig::default());
-    let registry = Rc::new(Registry {
-        lock: ConfigLock::new("rtnl", Vec::new()),
-        registered: Semaphore::named("nics registered", 0),
-        unregistered: Semaphore::named("nics unregistered", 0),
-    });
-    bus.register_driver(Rc::new(NetvscDriver::new(registry.clone(), config)));
-    NetWorld {
-        host,
-        memory,
-        bus,
-        registry,
-        devices: Rc::new(RefCell::new(Vec::new())),
-    }
+    );
+    net_world_on(machine, config)
 }
 
 /// Brings one NIC up under the simulation; returns the world, the NIC, its device and the

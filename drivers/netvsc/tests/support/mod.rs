@@ -69,8 +69,13 @@ pub fn net_world(handle: &Handle, seed: u64, config: NetvscConfig) -> NetWorld {
         seed,
         ..HostConfig::default()
     };
-    let EmuMachine { host, memory, bus } =
-        emu_machine(handle, host_config, VmBusConfig::default(), 1 << 16, seed);
+    let machine = emu_machine(handle, host_config, VmBusConfig::default(), 1 << 16, seed);
+    net_world_on(machine, config)
+}
+
+/// A world on `machine`: the netvsc driver registered on its bus with a test registry.
+pub fn net_world_on(machine: EmuMachine, config: NetvscConfig) -> NetWorld {
+    let EmuMachine { host, memory, bus } = machine;
     let registry = Rc::new(Registry {
         lock: ConfigLock::new("rtnl", Vec::new()),
         registered: Semaphore::named("nics registered", 0),

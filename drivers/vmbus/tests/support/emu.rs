@@ -254,17 +254,34 @@ pub fn emu_machine(
     pages: usize,
     seed: u64,
 ) -> EmuMachine {
+    emu_machine_with(handle, host_config, bus_config, pages, seed, |hv, mem| {
+        (Rc::new(hv), Rc::new(mem))
+    })
+}
+
+/// Like [`emu_machine`], with `wrap` putting something (counters, faults) between the
+/// bus and the adapters.
+pub fn emu_machine_with(
+    handle: &Handle,
+    host_config: HostConfig,
+    bus_config: VmBusConfig,
+    pages: usize,
+    seed: u64,
+    wrap: impl FnOnce(EmuHypervisor, EmuAllocator) -> (Rc<dyn Hypervisor>, Rc<dyn DmaAllocator>),
+) -> EmuMachine {
     let memory = host_scope(|| GuestMemory::new(pages, seed));
     let host = host_scope(|| Rc::new(RefCell::new(VmbusHost::new(host_config, memory.clone()))));
     let irq: &'static IrqSignal = Box::leak(Box::new(IrqSignal::named("vmbus SINT")));
     host_scope(|| host.borrow_mut().set_notify(Box::new(move || irq.raise())));
-    let hv = Rc::new(EmuHypervisor {
-        host: host.clone(),
-        irq,
-    });
-    let mem = Rc::new(EmuAllocator {
-        memory: memory.clone(),
-    });
+    let (hv, mem) = wrap(
+        EmuHypervisor {
+            host: host.clone(),
+            irq,
+        },
+        EmuAllocator {
+            memory: memory.clone(),
+        },
+    );
     let bus = VmBus::new(handle, hv, mem, bus_config);
     EmuMachine { host, memory, bus }
 }
