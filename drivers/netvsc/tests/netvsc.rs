@@ -146,11 +146,7 @@ async fn first_nic(w: &NetWorld) -> Rc<dyn Nic> {
 }
 
 fn assert_clean(w: &NetWorld) {
-    let host = w.host.borrow();
-    let v = host.violations();
-    assert!(v.is_empty(), "host recorded protocol violations: {v:#?}");
-    let mv = w.memory.violations();
-    assert!(mv.is_empty(), "guest-memory violations: {mv:#?}");
+    assert_host_clean(&w.host, &w.memory);
 }
 
 /// One NIC, eight queues: everything negotiated as the host expects, RSS spreads

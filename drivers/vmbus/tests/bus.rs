@@ -37,11 +37,7 @@ fn default_world(sim: &Simulation, seed: u64) -> World {
 
 /// Asserts the host saw no protocol violation and returns a short summary.
 fn assert_clean_host(w: &World) {
-    let host = w.host.borrow();
-    let v = host.violations();
-    assert!(v.is_empty(), "host recorded protocol violations: {v:#?}");
-    let mv = w.memory.violations();
-    assert!(mv.is_empty(), "guest-memory violations: {mv:#?}");
+    assert_host_clean(&w.host, &w.memory);
 }
 
 /// Scenario 1: Four NICs with eight sub-channels each hot-added at the same instant all come up.

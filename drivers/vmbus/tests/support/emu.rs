@@ -286,6 +286,15 @@ pub fn emu_machine_with(
     EmuMachine { host, memory, bus }
 }
 
+/// Asserts the host saw no protocol violation and guest memory no bad access.
+pub fn assert_host_clean(host: &RefCell<VmbusHost>, memory: &GuestMemory) {
+    let host = host.borrow();
+    let v = host.violations();
+    assert!(v.is_empty(), "host recorded protocol violations: {v:#?}");
+    let mv = memory.violations();
+    assert!(mv.is_empty(), "guest-memory violations: {mv:#?}");
+}
+
 /// A scenario step's result.
 pub type Res = Result<(), String>;
 
