@@ -1,30 +1,17 @@
 //! `log` backend: timestamped lines on COM1, e.g. `[    1.234567] INFO  hvnet::acpi: ...`.
-//! Plain ASCII without colour codes, so Azure's serial console shows it cleanly.
+//! Plain ASCII without colour codes, control characters filtered (see `console`), so
+//! Azure's serial console shows it cleanly.
 
-use core::fmt::{self, Write};
+use core::fmt::Write;
 
 use log::{LevelFilter, Log, Metadata, Record};
 
 use crate::arch::serial;
+use crate::console::ConsoleLine;
 
 struct SerialLogger;
 
 static LOGGER: SerialLogger = SerialLogger;
-
-/// A fixed buffer so a whole line goes out under one console lock.
-struct Line {
-    buf: [u8; 512],
-    len: usize,
-}
-
-impl Write for Line {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        let n = s.len().min(self.buf.len() - self.len);
-        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
-        self.len += n;
-        Ok(())
-    }
-}
 
 impl Log for SerialLogger {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
@@ -36,10 +23,7 @@ impl Log for SerialLogger {
             return;
         }
         let ns = crate::time::now_ns();
-        let mut line = Line {
-            buf: [0; 512],
-            len: 0,
-        };
+        let mut line = ConsoleLine::new();
         let _ = write!(
             line,
             "[{:5}.{:06}] {:5} {}: {}",
@@ -49,13 +33,10 @@ impl Log for SerialLogger {
             record.target(),
             record.args()
         );
-        if line.len == line.buf.len() {
-            line.buf[line.len - 3..].copy_from_slice(b"...");
-        }
         // Interrupt handlers never log, but keep the console lock interrupt-free anyway so
         // a future one that does cannot deadlock against us.
         x86_64::instructions::interrupts::without_interrupts(|| {
-            serial::write(&line.buf[..line.len]);
+            serial::write(line.as_bytes());
             serial::write(b"\n");
         });
     }

@@ -14,6 +14,7 @@ extern crate alloc;
 
 mod boot;
 mod config;
+mod console;
 mod memory;
 mod power;
 
