@@ -13,6 +13,9 @@
 //! | `exit=debug` | exit through QEMU's `isa-debug-exit` port (tests) instead of halting |
 //! | `echo=on\|off` | TCP/UDP echo (RFC 862) on port 7 of every interface (default off) |
 //! | `queues=N` | queues asked of each synthetic NIC, 1..=64 (default 8) |
+//! | `azure=on\|off` | report Ready to the WireServer and read IMDS once networking is up (default on; harmless off Azure: the attempts time out and stop) |
+//! | `wireserver=A.B.C.D` | the WireServer's address (default 168.63.129.16) |
+//! | `imds=A.B.C.D` | the instance metadata service's address (default 169.254.169.254) |
 
 use log::LevelFilter;
 
@@ -47,6 +50,12 @@ pub struct Config {
     pub echo: bool,
     /// Queues wanted per synthetic NIC.
     pub queues: u16,
+    /// Azure guest agent duties (Ready report, IMDS read).
+    pub azure: bool,
+    /// WireServer address override.
+    pub wireserver: Option<[u8; 4]>,
+    /// IMDS address override.
+    pub imds: Option<[u8; 4]>,
 }
 
 impl Default for Config {
@@ -57,6 +66,9 @@ impl Default for Config {
             exit: ExitMode::Halt,
             echo: false,
             queues: 8,
+            azure: true,
+            wireserver: None,
+            imds: None,
         }
     }
 }
@@ -98,13 +110,7 @@ impl Config {
                 }
                 .map(|e| cfg.exit = e)
                 .is_some(),
-                "echo" => match value {
-                    "on" => Some(true),
-                    "off" => Some(false),
-                    _ => None,
-                }
-                .map(|e| cfg.echo = e)
-                .is_some(),
+                "echo" => on_off(value).map(|e| cfg.echo = e).is_some(),
                 "queues" => match value.parse::<u16>() {
                     Ok(n @ 1..=64) => {
                         cfg.queues = n;
@@ -112,6 +118,9 @@ impl Config {
                     }
                     _ => false,
                 },
+                "azure" => on_off(value).map(|a| cfg.azure = a).is_some(),
+                "wireserver" => ipv4(value).map(|a| cfg.wireserver = Some(a)).is_some(),
+                "imds" => ipv4(value).map(|a| cfg.imds = Some(a)).is_some(),
                 // GRUB and loaders sometimes pass the image path first.
                 _ if word.starts_with('/') => true,
                 _ => false,
@@ -122,6 +131,28 @@ impl Config {
         }
         cfg
     }
+}
+
+fn on_off(value: &str) -> Option<bool> {
+    match value {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// A dotted-quad IPv4 address: exactly four decimal octets, no leading `+`, no extras.
+fn ipv4(value: &str) -> Option<[u8; 4]> {
+    let mut out = [0u8; 4];
+    let mut parts = value.split('.');
+    for octet in &mut out {
+        let p = parts.next()?;
+        if p.is_empty() || p.len() > 3 || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *octet = p.parse().ok()?;
+    }
+    parts.next().is_none().then_some(out)
 }
 
 #[cfg(test)]
@@ -170,5 +201,34 @@ mod tests {
         assert_eq!(c.log_level, LevelFilter::Info);
         assert_eq!(c.test, None);
         assert_eq!(c.exit, ExitMode::DebugPort);
+    }
+
+    #[test]
+    fn azure_words() {
+        let (c, bad) = parse("azure=off wireserver=10.0.2.16 imds=169.254.169.254");
+        assert!(bad.is_empty(), "{bad:?}");
+        assert!(!c.azure);
+        assert_eq!(c.wireserver, Some([10, 0, 2, 16]));
+        assert_eq!(c.imds, Some([169, 254, 169, 254]));
+        assert!(Config::default().azure);
+    }
+
+    #[test]
+    fn malformed_addresses_are_reported() {
+        for word in [
+            "wireserver=",
+            "wireserver=1.2.3",
+            "wireserver=1.2.3.4.5",
+            "wireserver=256.1.1.1",
+            "wireserver=1..2.3",
+            "imds=+1.2.3.4",
+            "imds=0001.2.3.4",
+            "imds=a.b.c.d",
+            "azure=yes",
+        ] {
+            let (c, bad) = parse(word);
+            assert_eq!(bad, [word]);
+            assert_eq!((c.wireserver, c.imds, c.azure), (None, None, true), "{word}");
+        }
     }
 }
