@@ -13,6 +13,7 @@
 extern crate alloc;
 
 mod boot;
+mod calendar;
 mod config;
 mod console;
 mod memory;

@@ -89,3 +89,21 @@ fn tsc_now_ns() -> u64 {
     let delta = cpu::rdtsc().saturating_sub(TSC_BASE.load(Ordering::Relaxed));
     (u128::from(delta) * 1_000_000 / u128::from(khz)) as u64
 }
+
+/// Unix time (ns) minus `now_ns` at the last setting; valid once `WALL_SET` is true.
+static WALL_OFFSET_NS: AtomicU64 = AtomicU64::new(0);
+static WALL_SET: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Sets the wall clock: `unix_ns` nanoseconds since 1970-01-01 UTC is "now". The
+/// monotonic clock is untouched (timers and timeouts never jump); only the offset moves.
+pub fn set_wall_clock(unix_ns: u64) {
+    WALL_OFFSET_NS.store(unix_ns.wrapping_sub(now_ns()), Ordering::Relaxed);
+    WALL_SET.store(true, Ordering::Release);
+}
+
+/// Nanoseconds since 1970-01-01 UTC, once the host has told us the time.
+pub fn wall_clock_ns() -> Option<u64> {
+    WALL_SET
+        .load(Ordering::Acquire)
+        .then(|| WALL_OFFSET_NS.load(Ordering::Relaxed).wrapping_add(now_ns()))
+}
