@@ -54,6 +54,8 @@ struct PowerOff {
 }
 
 static POWER_OFF: Once<PowerOff> = Once::new();
+/// The FADT reset register when it is an I/O port: (port, value).
+static RESET_PORT: Once<(u16, u8)> = Once::new();
 static RSDP_COPY: Once<[u8; RSDP_MAX_LEN]> = Once::new();
 
 /// Why the ACPI tables could not be used.
@@ -115,6 +117,9 @@ pub fn init(rsdp: Option<Rsdp>) -> Result<Summary, AcpiSetupError> {
         log::warn!("ACPI: no MADT");
     }
 
+    if let Some(r) = reset_from(&tables) {
+        RESET_PORT.call_once(|| r);
+    }
     match power_off_from(&tables) {
         Some(p) => {
             POWER_OFF.call_once(|| p);
@@ -125,6 +130,19 @@ pub fn init(rsdp: Option<Rsdp>) -> Result<Summary, AcpiSetupError> {
         }
     }
     Ok(summary)
+}
+
+fn reset_from(tables: &AcpiTables<IdentityHandler>) -> Option<(u16, u8)> {
+    let fadt = tables.find_table::<acpi::fadt::Fadt>().ok()?;
+    let flags = fadt.flags; // a copy: the FADT is packed
+    if !flags.supports_system_reset_via_fadt() {
+        return None;
+    }
+    let reg = fadt.reset_register().ok()?;
+    (reg.address_space == acpi::address::AddressSpace::SystemIo
+        && reg.address != 0
+        && reg.address <= 0xffff)
+        .then_some((reg.address as u16, fadt.reset_value))
 }
 
 fn power_off_from(tables: &AcpiTables<IdentityHandler>) -> Option<PowerOff> {
@@ -158,6 +176,29 @@ pub fn power_off() {
     // is the ACPI-defined way to enter the sleep state.
     unsafe { Port::<u16>::new(p.pm1a).write((u16::from(p.types.a) << 10) | SLP_EN) };
     // Give the platform a moment before the caller falls back to halting.
+    settle();
+}
+
+/// Resets the machine: the FADT reset register if it is an I/O port, then the 8042
+/// keyboard controller's reset line, then the PCI reset control register (0xcf9).
+/// Returns only if none of them took effect.
+pub fn reset() {
+    x86_64::instructions::interrupts::disable();
+    if let Some(&(port, value)) = RESET_PORT.get() {
+        // SAFETY: the FADT names this I/O port and value as the system reset register.
+        unsafe { Port::<u8>::new(port).write(value) };
+        settle();
+    }
+    // SAFETY: 0x64 is the 8042 command port; command 0xfe pulses the CPU reset line.
+    unsafe { Port::<u8>::new(0x64).write(0xfe) };
+    settle();
+    // SAFETY: 0xcf9 is the PIIX/ICH reset control register; 0x06 asks for a hard reset.
+    unsafe { Port::<u8>::new(0xcf9).write(0x06) };
+    settle();
+}
+
+/// Gives the platform a moment to act on a power or reset request.
+fn settle() {
     for _ in 0..1_000_000 {
         core::hint::spin_loop();
     }
