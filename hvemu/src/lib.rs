@@ -37,6 +37,7 @@
 mod device;
 mod faults;
 mod host;
+pub mod ic;
 pub mod lan;
 mod memory;
 pub mod netvsp;

@@ -46,6 +46,7 @@ extern crate std;
 #[macro_use]
 mod macros;
 
+pub mod ic;
 pub mod nvsp;
 pub mod ring;
 pub mod rndis;
