@@ -16,6 +16,12 @@
 //! asks again at once.
 //!
 //! ICMP echo requests to the interface's address are answered by smoltcp itself.
+//!
+//! # The Azure agent
+//! With an [`AzureLink`] set ([`Interface::set_azure`]), the interface polls the shared
+//! [`AzureAgent`](crate::azure::AzureAgent) after smoltcp, like a service; the agent
+//! runs only on the interface that owns it and keeps its socket in that interface's
+//! set. Dropping the interface hands the agent back (see [`azure`](crate::azure)).
 
 use alloc::rc::Rc;
 use alloc::string::String;
@@ -24,6 +30,7 @@ use alloc::vec::Vec;
 use core::cell::Cell;
 
 use hvnet_netvsc::nic::Nic;
+use hvnet_runtime::sync::Event;
 use hvnet_runtime::{Duration, Instant};
 use smoltcp::iface::{
     Config, Interface as SmolInterface, PollResult as SmolPollResult, SocketHandle, SocketSet,
@@ -32,6 +39,7 @@ use smoltcp::socket::dhcpv4;
 use smoltcp::time::{Duration as NetDuration, Instant as NetInstant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
 
+use crate::azure::AzureLink;
 use crate::device::{DeviceStats, NicDevice, DEFAULT_RX_BUDGET, MAX_IP_MTU, MIN_IP_MTU};
 use crate::services::echo::{EchoConfig, EchoCounters, EchoServer};
 use crate::services::status::{StatusConfig, StatusCounters, StatusServer, StatusSource};
@@ -135,6 +143,7 @@ pub struct Interface {
     dhcp: Option<SocketHandle>,
     status: Option<StatusServer>,
     echo: Option<EchoServer>,
+    azure: Option<AzureLink>,
     ip: Option<IpConfig>,
     link_up: bool,
     /// Events found outside a poll (the static configuration), reported by the next.
@@ -182,6 +191,7 @@ impl Interface {
             dhcp,
             status,
             echo,
+            azure: None,
             ip: None,
             link_up,
             pending: Vec::new(),
@@ -194,6 +204,21 @@ impl Interface {
             }
         }
         interface
+    }
+
+    /// Lets this interface run the Azure agent (see the [module docs](self)).
+    pub fn set_azure(&mut self, link: AzureLink) {
+        if let Some(old) = self.azure.replace(link) {
+            old.detach(&mut self.sockets);
+        }
+    }
+
+    /// The event to wait on, besides the NIC and the poll delay, for the Azure agent to
+    /// be handed to this interface (`None`: nothing to wait for).
+    pub fn azure_claim_event(&self) -> Option<&Event> {
+        self.azure
+            .as_ref()
+            .and_then(|link| link.claim_event(self.ip.as_ref()))
     }
 
     /// The name (`ethN`).
@@ -270,6 +295,15 @@ impl Interface {
             .poll(net_now, &mut self.device, &mut self.sockets);
         self.poll_dhcp(&mut result.events);
 
+        if let Some(link) = &self.azure {
+            link.poll(
+                &self.name,
+                now,
+                self.ip.as_ref(),
+                &mut self.iface,
+                &mut self.sockets,
+            );
+        }
         if let Some(server) = &mut self.status {
             server.poll(now, &mut self.sockets, status);
         }
@@ -306,6 +340,7 @@ impl Interface {
         let services = [
             self.status.as_ref().and_then(StatusServer::next_deadline),
             self.echo.as_ref().and_then(EchoServer::next_deadline),
+            self.azure.as_ref().and_then(AzureLink::next_deadline),
         ]
         .into_iter()
         .flatten()
@@ -385,5 +420,15 @@ impl Interface {
         self.iface.update_ip_addrs(|addrs| addrs.clear());
         self.iface.routes_mut().remove_default_ipv4_route();
         self.ip = None;
+    }
+}
+
+impl Drop for Interface {
+    /// An interface that goes (NIC removed or unregistered) hands the Azure agent back
+    /// so another can take it over.
+    fn drop(&mut self) {
+        if let Some(link) = self.azure.take() {
+            link.detach(&mut self.sockets);
+        }
     }
 }

@@ -14,6 +14,8 @@
 //! - [`manager`]: the registry, the interface table under the configuration lock, stable
 //!   names, the per-interface tasks.
 //! - [`services`]: HTTP status (JSON) on port 80, echo on port 7.
+//! - [`azure`]: the Azure guest agent (Ready report to the WireServer, IMDS read), run
+//!   by the interface that holds the route to the WireServer.
 //!
 //! Time, spawning and randomness come from the runtime [`Handle`](hvnet_runtime::Handle),
 //! so the same code runs on the kernel executor and, in tests, under the deterministic
@@ -25,11 +27,13 @@
 
 extern crate alloc;
 
+pub mod azure;
 pub mod device;
 pub mod iface;
 pub mod manager;
 pub mod services;
 
+pub use azure::{AzureConfig, AzureState, AzureStatus, ImdsState};
 pub use device::{DeviceStats, NicDevice};
 pub use iface::{Addressing, Interface, InterfaceConfig, InterfaceEvent, IpConfig};
 pub use manager::{InterfaceManager, InterfaceRef, InterfaceTable, ManagerConfig, Route};

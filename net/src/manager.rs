@@ -27,6 +27,15 @@
 //! (with a change to record) the configuration lock is free. It ends when the NIC is
 //! removed or unregistered, or the manager is dropped, and takes the interface's smoltcp
 //! state, sockets and buffers with it.
+//!
+//! # The Azure agent
+//! With [`ManagerConfig::azure`] enabled, the manager owns one
+//! [`AzureAgent`] and attaches it to every interface it registers. It runs on
+//! the first interface whose lease gives it a route to the WireServer (the one holding
+//! the default route when the agent comes up) and moves to the next interface with a
+//! route if that one goes before the agent is done; an interface task also wakes for
+//! that hand-over ([`Interface::azure_claim_event`]). [`InterfaceManager::azure_status`]
+//! and the status page's `azure` object show its progress.
 
 use alloc::borrow::Cow;
 use alloc::collections::BTreeMap;
@@ -43,10 +52,11 @@ use core::task::Poll;
 
 use hvnet_netvsc::nic::{Nic, NicRegistry};
 use hvnet_runtime::config_lock::{ConfigGuard, Lock};
-use hvnet_runtime::sync::Event;
+use hvnet_runtime::sync::{Event, EventWait};
 use hvnet_runtime::{ConfigLock, Duration, Handle, Instant, JoinHandle, Sleep};
 use smoltcp::wire::{Ipv4Address, Ipv4Cidr};
 
+use crate::azure::{AzureAgent, AzureConfig, AzureStatus};
 use crate::device::DeviceStats;
 use crate::iface::{Interface, InterfaceConfig, InterfaceEvent, IpConfig};
 use crate::services::status::{InterfaceStatus, StatusSnapshot, StatusSource};
@@ -65,6 +75,8 @@ pub struct ManagerConfig {
     pub lock_name: Cow<'static, str>,
     /// Settings every new interface gets.
     pub interface: InterfaceConfig,
+    /// The Azure agent (off by default).
+    pub azure: AzureConfig,
 }
 
 impl Default for ManagerConfig {
@@ -72,6 +84,7 @@ impl Default for ManagerConfig {
         ManagerConfig {
             lock_name: Cow::Borrowed("rtnl"),
             interface: InterfaceConfig::default(),
+            azure: AzureConfig::default(),
         }
     }
 }
@@ -330,6 +343,7 @@ struct Shared {
     table: ConfigLock<InterfaceTable>,
     /// The same cell as the table's `published`.
     published: Rc<RefCell<Vec<Published>>>,
+    azure: AzureAgent,
 }
 
 impl StatusSource for Shared {
@@ -354,6 +368,7 @@ impl StatusSource for Shared {
                     device: p.stats.get(),
                 })
                 .collect(),
+            azure: Some(self.azure.status()),
         }
     }
 }
@@ -389,12 +404,21 @@ impl InterfaceManager {
     pub fn new(handle: Handle, config: ManagerConfig) -> Self {
         let table = InterfaceTable::new();
         let published = table.published.clone();
+        // Drawn only when the agent runs, so a manager without it leaves the runtime's
+        // random sequence as it was.
+        let seed = if config.azure.enabled {
+            handle.random_u64()
+        } else {
+            0
+        };
+        let azure = AzureAgent::new(config.azure.clone(), seed);
         InterfaceManager {
             shared: Rc::new(Shared {
                 handle,
                 table: ConfigLock::new(config.lock_name.clone(), table),
                 config,
                 published,
+                azure,
             }),
         }
     }
@@ -402,6 +426,11 @@ impl InterfaceManager {
     /// What the status page would show now.
     pub fn snapshot(&self) -> StatusSnapshot {
         self.shared.snapshot()
+    }
+
+    /// The Azure agent's progress (also in [`snapshot`](Self::snapshot)).
+    pub fn azure_status(&self) -> AzureStatus {
+        self.shared.azure.status()
     }
 }
 
@@ -433,13 +462,16 @@ impl NicRegistry for InterfaceManager {
         let index = table.pick_index(&id);
         let name = format!("eth{index}");
         let handle = &self.shared.handle;
-        let interface = Interface::new(
+        let mut interface = Interface::new(
             name.clone(),
             nic.clone(),
             &self.shared.config.interface,
             handle.now(),
             handle.random_u64(),
         );
+        if self.shared.azure.enabled() {
+            interface.set_azure(self.shared.azure.attach());
+        }
         let serial = table.next_serial;
         table.next_serial += 1;
         let stop = Rc::new(Event::named("interface unregistered"));
@@ -503,19 +535,23 @@ enum Wake<'a> {
     Nic,
     Timer,
     Locked(ConfigGuard<'a, InterfaceTable>),
+    AzureClaim,
 }
 
-/// Waits for the first of: unregistered, the lock (if asked), a NIC change, the timer.
+/// Waits for the first of: unregistered, the lock (if asked), a NIC change, the timer,
+/// the Azure agent looking for an interface (if this one could take it).
 async fn next_wake<'a>(
     stop: &Event,
     lock: Option<Lock<'a, InterfaceTable>>,
     nic: &dyn Nic,
     sleep: Option<Sleep>,
+    azure: Option<EventWait<'_>>,
 ) -> Wake<'a> {
     let mut stop_wait = stop.wait();
     let mut lock = lock;
     let mut changed = nic.changed();
     let mut sleep = sleep;
+    let mut azure = azure;
     poll_fn(move |cx| {
         if Pin::new(&mut stop_wait).poll(cx).is_ready() {
             return Poll::Ready(Wake::Stop);
@@ -531,6 +567,11 @@ async fn next_wake<'a>(
         if let Some(sleep) = sleep.as_mut() {
             if Pin::new(sleep).poll(cx).is_ready() {
                 return Poll::Ready(Wake::Timer);
+            }
+        }
+        if let Some(azure) = azure.as_mut() {
+            if Pin::new(azure).poll(cx).is_ready() {
+                return Poll::Ready(Wake::AzureClaim);
             }
         }
         Poll::Pending
@@ -588,13 +629,14 @@ async fn serve(shared: Weak<Shared>, mut interface: Interface, stop: Rc<Event>, 
         // then drops the table, whose entries stop their tasks.
         let strong = (!unrecorded.is_empty()).then_some(strong);
         let lock = strong.as_ref().map(|s| s.table.lock());
+        let azure = interface.azure_claim_event().map(Event::wait);
         let wake = handle
-            .waiting_on(reason.clone(), next_wake(&stop, lock, &*nic, sleep))
+            .waiting_on(reason.clone(), next_wake(&stop, lock, &*nic, sleep, azure))
             .await;
         match wake {
             Wake::Locked(mut table) => table.record(serial, &mut unrecorded),
             Wake::Stop => break,
-            Wake::Nic => wakes.0 += 1,
+            Wake::Nic | Wake::AzureClaim => wakes.0 += 1,
             Wake::Timer => wakes.1 += 1,
         }
     }

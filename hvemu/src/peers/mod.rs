@@ -10,11 +10,14 @@
 //! * [`PeerHost`]: a smoltcp host with a static address that answers ARP and ping, serves
 //!   TCP and UDP echo on port 7, and runs client actions for tests: ping, verified TCP echo
 //!   streams, multi-port UDP flows and HTTP GETs.
+//! * [`AzureFabric`]: the LAN's gateway playing Azure's host side: the WireServer
+//!   (goal state, health reports) and IMDS behind it, with fault injection.
 //! * [`Hub`] and [`run_until`]: a broadcast wire and an event-driven loop, so peers can be
 //!   tested among themselves without the switch.
 //! * [`QueueDevice`]: a smoltcp `Device` over two frame queues, for tests that want their
 //!   own smoltcp interface (e.g. a DHCP client) on the wire.
 
+mod azure;
 mod device;
 mod dhcp;
 mod flows;
@@ -26,6 +29,10 @@ mod pattern;
 use std::cell::RefCell;
 use std::rc::Rc;
 
+pub use azure::{
+    AzureFabric, AzureFabricConfig, FabricCounters, FabricFaults, FabricPath, HealthReport,
+    ImdsNic, Malformation, RequestRecord, IMDS_IP, WIRESERVER_IP,
+};
 pub use device::QueueDevice;
 pub use dhcp::{DhcpCounters, DhcpServer, DhcpServerConfig, Lease, OFFER_HOLD_MS};
 pub use flows::{

@@ -3,6 +3,11 @@
 //! learning switch) with a simulated DHCP server on it, so NICs without a TAP get
 //! addresses and see each other with no host networking at all.
 //!
+//! The internal LAN's gateway is a simulated Azure fabric ([`AzureFabric`]): the DHCP
+//! server names it as router, and behind it sit the WireServer (168.63.129.16) and IMDS
+//! (169.254.169.254), so a guest whose Azure agent is on reports Ready here as it
+//! would on Azure. Each Ready report is announced on stderr.
+//!
 //! Frames move when the event loop calls [`Nics::pump`]: guest-to-wire frames the netvsp
 //! collected go out, wire-to-guest frames are queued on the netvsp, then every device is
 //! polled so queued frames and completions reach the guest's rings.
@@ -19,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use hvemu::lan::Lan;
 use hvemu::netvsp::{Netvsp, NetvspConfig, NetvspHandle};
-use hvemu::peers::{shared, DhcpServer, DhcpServerConfig, Shared};
+use hvemu::peers::{
+    shared, AzureFabric, AzureFabricConfig, DhcpServer, DhcpServerConfig, ImdsNic, Shared,
+};
 use hvemu::switch::PortId;
 use hvemu::{DeviceId, VmbusHost};
 
@@ -32,8 +39,10 @@ enum Backend {
     Tap(Tap),
 }
 
-/// The internal LAN's DHCP server: its address (also the router it hands out).
+/// The internal LAN's DHCP server's address.
 pub const LAN_SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+/// The internal LAN's gateway (the router the DHCP server hands out): the Azure fabric.
+pub const LAN_GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
 /// First address the internal LAN's DHCP server leases.
 pub const LAN_POOL_START: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 
@@ -52,6 +61,11 @@ struct Nic {
 pub struct Nics {
     lan: Lan,
     dhcp: Shared<DhcpServer>,
+    fabric: Shared<AzureFabric>,
+    /// Health reports already announced.
+    reports_seen: usize,
+    /// The LAN NICs and leases the fabric's IMDS document was last built from.
+    imds_view: Vec<([u8; 6], Option<Ipv4Addr>)>,
     nics: BTreeMap<u32, Nic>,
     next_id: u32,
     started: Instant,
@@ -83,7 +97,8 @@ pub fn default_mac(id: u32) -> [u8; 6] {
 }
 
 impl Nics {
-    /// No NICs; the internal LAN with its DHCP server (10.0.2.2, leases from 10.0.2.15).
+    /// No NICs; the internal LAN with its DHCP server (10.0.2.2, leases from 10.0.2.15)
+    /// and the Azure fabric as its gateway (10.0.2.1).
     pub fn new() -> Self {
         let dhcp = shared(DhcpServer::new(DhcpServerConfig {
             mac: [0x02, 0x15, 0x5d, 0xff, 0x00, 0x02],
@@ -91,15 +106,25 @@ impl Nics {
             prefix_len: 24,
             pool_start: LAN_POOL_START,
             pool_size: 64,
-            router: Some(LAN_SERVER_IP),
+            router: Some(LAN_GATEWAY_IP),
             dns: Vec::new(),
             lease_secs: 3600,
         }));
+        let mut fabric =
+            AzureFabricConfig::new([0x02, 0x15, 0x5d, 0xff, 0x00, 0x01], LAN_GATEWAY_IP, 24);
+        fabric.vm_name = "hvemu-vm".into();
+        fabric.vm_size = "Standard_hvemu".into();
+        fabric.location = "hvemu".into();
+        let fabric = shared(AzureFabric::new(fabric));
         let mut lan = Lan::new();
         lan.attach_peer(dhcp.clone());
+        lan.attach_peer(fabric.clone());
         Nics {
             lan,
             dhcp,
+            fabric,
+            reports_seen: 0,
+            imds_view: Vec::new(),
             nics: BTreeMap::new(),
             next_id: 1,
             started: Instant::now(),
@@ -230,7 +255,72 @@ impl Nics {
         for nic in self.nics.values() {
             host.poll_device(nic.device);
         }
+        if moved {
+            self.sync_fabric();
+        }
         moved
+    }
+
+    /// Announces new health reports and keeps the fabric's IMDS interface list in step
+    /// with the LAN's NICs and their leases.
+    fn sync_fabric(&mut self) {
+        let fabric = self.fabric.borrow();
+        for report in fabric.reports().iter().skip(self.reports_seen) {
+            if report.is_ready() {
+                eprintln!(
+                    "hvemu-vmm: azure: guest reported Ready (incarnation {}, instance {})",
+                    report
+                        .incarnation
+                        .map_or_else(|| "?".to_string(), |n| n.to_string()),
+                    report.instance_id
+                );
+            } else {
+                log::info!(
+                    "vmm: azure: health report {:?} (incarnation {:?}) refused",
+                    report.state,
+                    report.incarnation
+                );
+            }
+        }
+        let new_reports = fabric.reports().len() > self.reports_seen;
+        self.reports_seen = fabric.reports().len();
+        drop(fabric);
+        if new_reports {
+            log::info!("vmm: {}", self.azure_summary());
+        }
+        let dhcp = self.dhcp.borrow();
+        let view: Vec<([u8; 6], Option<Ipv4Addr>)> = self
+            .nics
+            .values()
+            .filter(|n| matches!(n.backend, Backend::Lan(_)))
+            .map(|n| (n.mac, dhcp.lease_of(n.mac).map(|l| l.ip)))
+            .collect();
+        drop(dhcp);
+        if view != self.imds_view {
+            let interfaces = view
+                .iter()
+                .map(|(mac, ip)| ImdsNic {
+                    mac: *mac,
+                    private_ipv4: ip.iter().copied().collect(),
+                })
+                .collect();
+            self.fabric.borrow_mut().set_imds_interfaces(interfaces);
+            self.imds_view = view;
+        }
+    }
+
+    /// One line about the Azure fabric (for the `status` reply): Ready reports taken
+    /// from the guest, and requests served.
+    pub fn azure_summary(&self) -> String {
+        let fabric = self.fabric.borrow();
+        let c = fabric.counters();
+        format!(
+            "azure ready reports: {} (health reports {}, goal state requests {}, IMDS requests {})",
+            fabric.ready_reports(),
+            c.health,
+            c.goal_state,
+            c.imds
+        )
     }
 
     /// The internal LAN's DHCP leases: `(mac, address)`.
@@ -421,5 +511,30 @@ mod tests {
         nics.remove(&mut host, 1).unwrap();
         assert!(nics.remove(&mut host, 1).unwrap_err().contains("no NIC 1"));
         assert_eq!(nics.len(), 1);
+    }
+
+    #[test]
+    fn the_lan_gateway_is_the_azure_fabric() {
+        let mem = hvemu::GuestMemory::new(16, 1);
+        let mut host = VmbusHost::new(hvemu::HostConfig::default(), mem);
+        let mut nics = Nics::new();
+        assert_eq!(nics.dhcp.borrow().config().router, Some(LAN_GATEWAY_IP));
+        assert_eq!(nics.fabric.borrow().config().gateway, LAN_GATEWAY_IP);
+        assert!(nics.azure_summary().starts_with("azure ready reports: 0 "));
+        // IMDS lists the LAN's NICs (no lease yet: no address).
+        let spec = NicSpec {
+            queues: 1,
+            ..NicSpec::default()
+        };
+        nics.add(&mut host, &spec).unwrap();
+        nics.sync_fabric();
+        let interfaces = nics.fabric.borrow().config().interfaces.clone();
+        assert_eq!(
+            interfaces,
+            [ImdsNic {
+                mac: default_mac(1),
+                private_ipv4: Vec::new()
+            }]
+        );
     }
 }

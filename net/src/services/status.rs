@@ -2,10 +2,11 @@
 //!
 //! `GET /` or `GET /status` answers `application/json` describing every interface (not
 //! just the one asked on): name, NIC id, MAC, MTU, link, addresses with prefix, gateway,
-//! DNS servers, per-queue counters and the glue's drop counters, plus uptime. Other
-//! paths get 404, other methods 405, malformed requests 400, heads over
-//! [`MAX_REQUEST_HEAD`] 431, and a request that does not arrive within
-//! [`REQUEST_TIMEOUT`] 408. Every response says `Connection: close`.
+//! DNS servers, per-queue counters and the glue's drop counters, plus uptime and, when
+//! the snapshot has one, an `azure` object with the Azure agent's progress (Ready report
+//! and IMDS; see [`azure`](crate::azure)). Other paths get 404, other methods 405,
+//! malformed requests 400, heads over [`MAX_REQUEST_HEAD`] 431, and a request that does
+//! not arrive within [`REQUEST_TIMEOUT`] 408. Every response says `Connection: close`.
 //!
 //! The JSON comes from [`status_json`], a pure function of a [`StatusSnapshot`], so its
 //! shape is unit-tested apart from any socket. The snapshot is taken only when a
@@ -29,6 +30,7 @@ use smoltcp::wire::{Ipv4Address, Ipv4Cidr};
 
 use super::http::{check_head, write_response, Head, Status, MAX_REQUEST_HEAD};
 use super::json::JsonWriter;
+use crate::azure::{write_status_json, AzureStatus};
 use crate::device::DeviceStats;
 use crate::iface::to_net_duration;
 
@@ -68,6 +70,8 @@ pub struct StatusSnapshot {
     pub uptime: Duration,
     /// Every interface, in name order.
     pub interfaces: Vec<InterfaceStatus>,
+    /// The Azure agent (shown as the `azure` object when present).
+    pub azure: Option<AzureStatus>,
 }
 
 /// One interface in a [`StatusSnapshot`].
@@ -112,6 +116,10 @@ pub fn status_json(snapshot: &StatusSnapshot) -> String {
         write_interface(&mut w, iface);
     }
     w.end_array();
+    if let Some(azure) = &snapshot.azure {
+        w.key("azure");
+        write_status_json(&mut w, azure);
+    }
     w.end_object();
     let mut text = w.finish();
     text.push('\n');
@@ -469,6 +477,7 @@ mod tests {
                     ..InterfaceStatus::default()
                 },
             ],
+            azure: None,
         }
     }
 
@@ -490,6 +499,26 @@ mod tests {
             "\n"
         );
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn the_azure_object_follows_the_interfaces() {
+        let mut snapshot = sample();
+        snapshot.azure = Some(crate::azure::AzureStatus {
+            enabled: true,
+            state: crate::azure::AzureState::GoalState,
+            attempts: 3,
+            ..Default::default()
+        });
+        let text = status_json(&snapshot);
+        let without = status_json(&sample());
+        // Same document up to the end of the interface list, then the agent.
+        let cut = without.len() - "}\n".len();
+        assert_eq!(text[..cut], without[..cut]);
+        assert!(text[cut..].starts_with(
+            r#","azure":{"enabled":true,"state":"goal-state","interface":null,"attempts":3,"#
+        ));
+        assert!(text.ends_with("}}\n"), "{text}");
     }
 
     #[test]
