@@ -7,7 +7,8 @@ use core::sync::atomic::{AtomicU8, Ordering};
 use core::time::Duration;
 
 use hvnet_hyperv::{Cpuid, CpuidResult, HyperVInfo, Hypervisor};
-use hvnet_net::{EchoConfig, InterfaceManager, ManagerConfig};
+use hvnet_ic::{register_ic_drivers, Clock, IcDrivers, PowerControl};
+use hvnet_net::{AzureConfig, EchoConfig, InterfaceManager, ManagerConfig};
 use hvnet_netvsc::{NetvscConfig, NetvscDriver};
 use hvnet_runtime::irq::IrqSignal;
 use hvnet_runtime::{Executor, Handle};
@@ -20,7 +21,8 @@ use crate::config::{Config, ExitMode, TestAction, UnknownWord};
 use crate::hyperv::HvPlatform;
 use crate::memory::{dma::FrameDma, frames::FRAME_SIZE, heap, layout, paging};
 use crate::platform::KernelPlatform;
-use crate::{acpi, hyperv, logger, time};
+use crate::guest_info::NetworkKvp;
+use crate::{acpi, calendar, hyperv, logger, time};
 
 const MIB: u64 = 1 << 20;
 
@@ -341,14 +343,17 @@ async fn appliance(handle: Handle, hypervisor: Hypervisor, config: Config) {
     }
 }
 
-/// Brings up the hypercall page and SynIC, the network side and the netvsc driver,
-/// connects VMBus (NIC offers are probed from then on, also when hot-added later) and
-/// prints the ready line.
-async fn start_vmbus(
-    handle: &Handle,
-    info: &HyperVInfo,
-    config: &Config,
-) -> Option<(VmBus, InterfaceManager)> {
+/// What the running appliance keeps alive: the bus, the network side, the IC drivers.
+struct Network {
+    _bus: VmBus,
+    _manager: InterfaceManager,
+    _ic: IcDrivers,
+}
+
+/// Brings up the hypercall page and SynIC, the network side, the netvsc and integration
+/// service drivers, connects VMBus (NIC offers are probed from then on, also when
+/// hot-added later) and prints the ready line.
+async fn start_vmbus(handle: &Handle, info: &HyperVInfo, config: &Config) -> Option<Network> {
     let platform = match HvPlatform::init(info) {
         Ok(p) => p,
         Err(e) => {
@@ -367,12 +372,22 @@ async fn start_vmbus(
     if config.echo {
         net_config.interface.echo = Some(EchoConfig::default());
     }
+    net_config.azure = azure_config(config);
     let manager = InterfaceManager::new(handle.clone(), net_config);
     let netvsc = NetvscConfig {
         queues: config.queues,
         ..NetvscConfig::default()
     };
     bus.register_driver(Rc::new(NetvscDriver::new(Rc::new(manager.clone()), netvsc)));
+    let power = Rc::new(HostPowerRequest::new(handle.clone(), bus.clone()));
+    let status = manager.clone();
+    let ic = register_ic_drivers(
+        &bus,
+        power.clone(),
+        Rc::new(WallClock),
+        Rc::new(NetworkKvp::new(move || status.snapshot())),
+    );
+    power.set_ic(ic.clone());
     match bus.connect().await {
         Ok(version) => {
             let relids = bus.live_relids();
@@ -381,7 +396,11 @@ async fn start_vmbus(
                 relids.len()
             );
             info!("hvnet: ready, VMBus {version}");
-            Some((bus, manager))
+            Some(Network {
+                _bus: bus,
+                _manager: manager,
+                _ic: ic,
+            })
         }
         Err(e) => {
             let reason = match e {
@@ -392,6 +411,97 @@ async fn start_vmbus(
             info!("hvnet: ready, VMBus unavailable: {reason}");
             None
         }
+    }
+}
+
+/// The Azure agent's settings from the command line.
+fn azure_config(config: &Config) -> AzureConfig {
+    let mut azure = AzureConfig {
+        enabled: config.azure,
+        ..AzureConfig::default()
+    };
+    if let Some(a) = config.wireserver {
+        azure.wireserver = a.into();
+    }
+    if let Some(a) = config.imds {
+        azure.imds = a.into();
+    }
+    azure
+}
+
+/// Hyper-V's "Shut Down" / "Restart" (the shutdown integration service): close the
+/// integration channels, close every other channel and UNLOAD VMBus so the host sees a
+/// clean guest exit, then power off through ACPI (or reset).
+struct HostPowerRequest {
+    handle: Handle,
+    bus: VmBus,
+    ic: core::cell::RefCell<Option<IcDrivers>>,
+    requested: core::cell::Cell<bool>,
+}
+
+impl HostPowerRequest {
+    fn new(handle: Handle, bus: VmBus) -> Self {
+        HostPowerRequest {
+            handle,
+            bus,
+            ic: core::cell::RefCell::new(None),
+            requested: core::cell::Cell::new(false),
+        }
+    }
+
+    fn set_ic(&self, ic: IcDrivers) {
+        *self.ic.borrow_mut() = Some(ic);
+    }
+}
+
+impl PowerControl for HostPowerRequest {
+    fn shutdown(&self, reboot: bool) {
+        if self.requested.replace(true) {
+            return;
+        }
+        let what = if reboot { "restart" } else { "shutdown" };
+        info!("hvnet: the host requested a {what}; closing VMBus channels");
+        let bus = self.bus.clone();
+        let ic = self.ic.borrow().clone();
+        // The IC channel task called us: the work runs in a task of its own, so that task
+        // can finish answering while the channels close under it.
+        self.handle.spawn("power", async move {
+            if let Some(ic) = ic {
+                ic.close().await;
+            }
+            bus.unload().await;
+            let (used, _) = heap::stats();
+            info!("hvnet: VMBus unloaded ({used} heap bytes in use); {what} now");
+            if reboot {
+                acpi::reset();
+                warn!("hvnet: reset did not take effect; halting");
+            } else {
+                acpi::power_off();
+                warn!("hvnet: ACPI power-off did not take effect; halting");
+            }
+            cpu::halt_forever();
+        });
+    }
+}
+
+/// The wall clock, as the time-synchronization service sets it.
+struct WallClock;
+
+impl Clock for WallClock {
+    fn set_time(&self, unix_100ns: u64) {
+        let first = time::wall_clock_ns().is_none();
+        time::set_wall_clock(unix_100ns.saturating_mul(100));
+        let date = calendar::format_utc(unix_100ns / 10_000_000);
+        let date = core::str::from_utf8(&date).unwrap_or("?");
+        if first {
+            info!("timesync: wall clock set to {date} by the host");
+        } else {
+            log::debug!("timesync: wall clock set to {date}");
+        }
+    }
+
+    fn reference_counter(&self) -> Option<u64> {
+        time::reference_100ns()
     }
 }
 

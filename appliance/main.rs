@@ -9,13 +9,13 @@
 #![cfg_attr(target_os = "none", no_std, no_main)]
 #![cfg_attr(not(target_os = "none"), allow(dead_code))]
 
-#[cfg(target_os = "none")]
 extern crate alloc;
 
 mod boot;
 mod calendar;
 mod config;
 mod console;
+mod guest_info;
 mod memory;
 mod power;
 

@@ -107,3 +107,8 @@ pub fn wall_clock_ns() -> Option<u64> {
         .load(Ordering::Acquire)
         .then(|| WALL_OFFSET_NS.load(Ordering::Relaxed).wrapping_add(now_ns()))
 }
+
+/// The partition reference counter (100 ns units) once the clock uses it.
+pub fn reference_100ns() -> Option<u64> {
+    REFERENCE.get().map(|read| read())
+}
