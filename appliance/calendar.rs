@@ -80,7 +80,20 @@ mod tests {
             assert!(next, "day {day}: {py}-{pm}-{pd} -> {y}-{m}-{d}");
             if d == 1 {
                 let leap = (py % 4 == 0 && py % 100 != 0) || py % 400 == 0;
-                let len = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+                let len = [
+                    31,
+                    if leap { 29 } else { 28 },
+                    31,
+                    30,
+                    31,
+                    30,
+                    31,
+                    31,
+                    30,
+                    31,
+                    30,
+                    31,
+                ];
                 assert_eq!(pd, len[pm as usize - 1], "month {py}-{pm} length");
             }
             (py, pm, pd) = (y, m, d);

@@ -228,7 +228,11 @@ mod tests {
         ] {
             let (c, bad) = parse(word);
             assert_eq!(bad, [word]);
-            assert_eq!((c.wireserver, c.imds, c.azure), (None, None, true), "{word}");
+            assert_eq!(
+                (c.wireserver, c.imds, c.azure),
+                (None, None, true),
+                "{word}"
+            );
         }
     }
 }

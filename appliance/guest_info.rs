@@ -99,7 +99,12 @@ mod tests {
     fn world() -> StatusSnapshot {
         StatusSnapshot {
             interfaces: vec![
-                iface("eth0", "guid-a", [0, 0x15, 0x5d, 0, 0, 1], &[([10, 0, 0, 5], 24)]),
+                iface(
+                    "eth0",
+                    "guid-a",
+                    [0, 0x15, 0x5d, 0, 0, 1],
+                    &[([10, 0, 0, 5], 24)],
+                ),
                 iface("eth1", "guid-b", [0, 0x15, 0x5d, 0, 0, 2], &[]),
                 iface(
                     "eth2",
@@ -131,7 +136,10 @@ mod tests {
         };
         let info = kvp.ip_info(&by_mac).expect("eth2");
         assert_eq!(info.addresses.len(), 2);
-        assert_eq!(info.addresses[0].address, IpAddr::V4(Ipv4Addr::new(10, 0, 1, 7)));
+        assert_eq!(
+            info.addresses[0].address,
+            IpAddr::V4(Ipv4Addr::new(10, 0, 1, 7))
+        );
         assert_eq!(info.addresses[0].prefix_len, 16);
         assert_eq!(info.gateways, [IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))]);
         assert_eq!(info.dns_servers, [IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))]);

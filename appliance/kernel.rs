@@ -18,10 +18,10 @@ use log::{error, info, warn};
 use crate::arch::{apic, cpu, gdt, idt, pic, serial};
 use crate::boot::info::{BootInfo, PhysMemory};
 use crate::config::{Config, ExitMode, TestAction, UnknownWord};
+use crate::guest_info::NetworkKvp;
 use crate::hyperv::HvPlatform;
 use crate::memory::{dma::FrameDma, frames::FRAME_SIZE, heap, layout, paging};
 use crate::platform::KernelPlatform;
-use crate::guest_info::NetworkKvp;
 use crate::{acpi, calendar, hyperv, logger, time};
 
 const MIB: u64 = 1 << 20;

@@ -334,6 +334,99 @@ fn nic_on_the_internal_lan_gets_a_dhcp_lease() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The appliance as an Azure and Hyper-V citizen, whole system: on the internal LAN its
+/// Azure agent reports Ready to the emulated WireServer (through the LAN gateway, as on
+/// Azure), the integration services come up (heartbeats answered, clock set by time
+/// sync, its DHCP address in KVP), and Hyper-V Manager's "Shut Down" (`ctl shutdown`)
+/// ends in a clean stop: every channel closed, VMBus unloaded, ACPI power-off, status 0.
+#[test]
+fn reports_ready_serves_integration_services_and_shuts_down_cleanly() {
+    require_kvm!();
+    let dir = scratch("citizen");
+    let serial = dir.join("serial.log");
+    let sock = dir.join("control.sock");
+    let t0 = Instant::now();
+    let mut child = Command::new(VMM)
+        .args(["run", "--kernel"])
+        .arg(kernel())
+        .arg("--serial")
+        .arg(&serial)
+        .arg("--control")
+        .arg(&sock)
+        .args(["--nic", "queues=2"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let (mut status, mut kvp) = (String::new(), String::new());
+    let mut up = false;
+    while Instant::now() < deadline {
+        if let Some(s) = child.try_wait().unwrap() {
+            panic!("VMM ended early ({s}): {}", stderr_of(&mut child));
+        }
+        if sock.exists() {
+            status = String::from_utf8_lossy(&ctl(&sock, &["status"]).stdout).into_owned();
+            kvp = String::from_utf8_lossy(&ctl(&sock, &["kvp"]).stdout).into_owned();
+            if status.contains("azure ready reports: 1 ")
+                && kvp.contains("NetworkAddressIPv4=10.0.2.")
+                && !status.contains("(0/0 answered)")
+            {
+                up = true;
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let elapsed = t0.elapsed();
+    if !up {
+        let _ = child.kill();
+        let _ = child.wait();
+        let log = std::fs::read_to_string(&serial).unwrap_or_default();
+        panic!("not up within 240 s\n--- status\n{status}\n--- kvp\n{kvp}\n--- serial\n{log}");
+    }
+    eprintln!(
+        "ready reported and KVP filled after {:.1} s",
+        elapsed.as_secs_f64()
+    );
+    assert!(status.contains("heartbeat up"), "{status}");
+    assert!(status.contains("time sync up"), "{status}");
+    assert!(status.contains("KVP up"), "{status}");
+    assert!(status.contains("violations 0"), "{status}");
+    assert!(kvp.contains("OSName=hvnet"), "{kvp}");
+
+    let answer = ctl(&sock, &["shutdown"]);
+    assert!(answer.status.success(), "{answer:?}");
+    let t1 = Instant::now();
+    let exit = wait_with_timeout(&mut child, Duration::from_secs(60));
+    let err = stderr_of(&mut child);
+    let log = std::fs::read_to_string(&serial).unwrap_or_default();
+    let exit = exit.unwrap_or_else(|| panic!("no power-off within 60 s\n{err}\n{log}"));
+    eprintln!("shutdown took {:.2} s", t1.elapsed().as_secs_f64());
+    assert_eq!(exit.code(), Some(0), "{err}\n{log}");
+    assert!(err.contains("VM stopped (ACPI power-off)"), "{err}");
+    assert!(err.contains("guest reported Ready (incarnation 1"), "{err}");
+    assert!(
+        err.contains("VMBus at stop: 0 channel(s) open,")
+            && err.contains("UNLOAD received 1 time(s), 0 violation(s)"),
+        "{err}"
+    );
+    for line in [
+        "azure: reported Ready to the WireServer (incarnation 1",
+        "timesync: wall clock set to 20",
+        "ic shutdown: host requests power off",
+        "hvnet: VMBus unloaded",
+    ] {
+        assert!(log.contains(line), "missing {line:?} in\n{log}");
+    }
+    // The console stays plain text for Azure's serial console.
+    assert!(
+        log.bytes()
+            .all(|b| b == b'\n' || b == b'\r' || b == b'\t' || (b' '..=b'~').contains(&b)),
+        "control characters on the console"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A minimal x86-64 ELF executable with one PT_LOAD at 1 MiB and optionally the PVH note.
 fn tiny_elf(with_note: bool) -> Vec<u8> {
     let phnum: u16 = if with_note { 2 } else { 1 };

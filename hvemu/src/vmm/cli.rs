@@ -16,6 +16,8 @@ usage:
   hvemu-vmm ctl --control SOCKET nic add [--queues N] [--mac MAC] [--tap NAME]
   hvemu-vmm ctl --control SOCKET nic remove ID
   hvemu-vmm ctl --control SOCKET nic list
+  hvemu-vmm ctl --control SOCKET shutdown
+  hvemu-vmm ctl --control SOCKET kvp
 
 run options:
   --kernel PATH     ELF kernel with a Xen PVH note (what `scripts/build` prints)
@@ -28,7 +30,14 @@ run options:
   --nic SPEC        hot-plug a NIC at boot (same settings as `nic add`); repeatable
 
 NICs without --tap sit on an internal LAN (a learning switch) with a DHCP server at
-10.0.2.2 that leases 10.0.2.15 and up; --tap NAME bridges a NIC to a host TAP device.
+10.0.2.2 that leases 10.0.2.15 and up and an emulated Azure fabric as the gateway
+(10.0.2.1: WireServer 168.63.129.16 and IMDS 169.254.169.254 behind it); --tap NAME
+bridges a NIC to a host TAP device.
+
+The VM also gets Hyper-V's integration services: heartbeat, time sync (the host's clock),
+KVP (`ctl kvp` shows what the guest reports: host name, addresses, OS) and shutdown
+(`ctl shutdown` is Hyper-V Manager's \"Shut Down\": the guest closes its channels,
+unloads VMBus and powers off, and the VMM exits with status 0).
 
 The VM's exit status is the guest's: isa-debug-exit port 0xf4 value v gives (v << 1) | 1
 (0x10 -> 33 success, 0x11 -> 35 failure), ACPI S5 power-off gives 0, SIGINT/SIGTERM give
@@ -111,6 +120,10 @@ pub enum Request {
     NicRemove(u32),
     /// List the NICs.
     NicList,
+    /// Ask the guest to shut down (shutdown integration service).
+    Shutdown,
+    /// The guest's KVP auto-pool pairs (host name, addresses, OS).
+    Kvp,
 }
 
 /// `ctl` options.
@@ -258,8 +271,10 @@ fn parse_ctl(args: &[String]) -> Result<CtlOptions, CliError> {
 /// Parses a control request from its words (`status`, `nic add --queues 4`, ...).
 pub fn parse_request(words: &[&str]) -> Result<Request, CliError> {
     match words {
-        [] => err("missing request: status, nic add, nic remove ID or nic list"),
+        [] => err("missing request: status, shutdown, kvp, nic add, nic remove ID or nic list"),
         ["status"] => Ok(Request::Status),
+        ["shutdown"] => Ok(Request::Shutdown),
+        ["kvp"] => Ok(Request::Kvp),
         ["nic", "list"] => Ok(Request::NicList),
         ["nic", "remove", id] => id
             .parse()
@@ -297,7 +312,7 @@ pub fn parse_request(words: &[&str]) -> Result<Request, CliError> {
             Ok(Request::NicAdd(spec))
         }
         _ => err(format!(
-            "unknown request '{}': expected status, nic add, nic remove ID or nic list",
+            "unknown request '{}': expected status, shutdown, kvp, nic add, nic remove ID or nic list",
             words.join(" ")
         )),
     }
@@ -309,6 +324,8 @@ impl Request {
         match self {
             Request::Status => "status".into(),
             Request::NicList => "nic list".into(),
+            Request::Shutdown => "shutdown".into(),
+            Request::Kvp => "kvp".into(),
             Request::NicRemove(id) => format!("nic remove {id}"),
             Request::NicAdd(spec) => {
                 let mut s = format!("nic add --queues {}", spec.queues);
@@ -528,6 +545,8 @@ mod tests {
         for (s, r) in [
             ("status", Request::Status),
             ("nic list", Request::NicList),
+            ("shutdown", Request::Shutdown),
+            ("kvp", Request::Kvp),
             ("nic remove 3", Request::NicRemove(3)),
             (
                 "nic add",

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hvemu::{GuestMemory, HostConfig, VmbusHost};
+use hvemu::{ChannelState, GuestMemory, HostConfig, VmbusHost};
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_dtable, kvm_enable_cap, kvm_fpu, kvm_msi, kvm_msr_entry, kvm_pit_config,
     kvm_regs, kvm_segment, CpuId, Msrs, KVM_CAP_X86_USER_SPACE_MSR, KVM_MAX_CPUID_ENTRIES,
@@ -29,6 +29,7 @@ use super::control::{Answer, Server};
 use super::devices::{Serial, COM1, DEBUG_EXIT_PORT, HYPERCALL_PORT};
 use super::elf;
 use super::hyperv::{self, HyperV, WriteEffect};
+use super::ic::IntegrationServices;
 use super::kick::{self, Kicker};
 use super::nic::Nics;
 use super::ram::RamMapping;
@@ -119,6 +120,7 @@ struct Platform {
     hv: HyperV,
     serial: Serial,
     nics: Nics,
+    ics: IntegrationServices,
     control: Option<Server>,
     /// Set by the VMBus host when it queued a message or set an event flag.
     notified: Rc<Cell<bool>>,
@@ -176,6 +178,19 @@ pub fn run(opts: RunOptions) -> ExitCode {
         setup.as_secs_f64(),
         total.as_secs_f64(),
         m.p.stats.total
+    );
+    let open =
+        m.p.host
+            .channels()
+            .iter()
+            .filter(|c| c.state == ChannelState::Open)
+            .count();
+    let hs = m.p.host.stats();
+    eprintln!(
+        "hvemu-vmm: VMBus at stop: {open} channel(s) open, {} GPADL(s) live, UNLOAD received {} time(s), {} violation(s)",
+        hs.live_gpadls,
+        hs.unloads,
+        hs.violations.len()
     );
     if let Some(samples) = &m.profile {
         m.print_profile(samples);
@@ -443,6 +458,7 @@ impl Machine {
 
         let mut nics = Nics::new();
         nics.set_waker(kicker, tick.clone());
+        let ics = IntegrationServices::add(&mut host);
         let mut p = Platform {
             vm,
             _kvm: kvm,
@@ -451,6 +467,7 @@ impl Machine {
             hv: HyperV::new(),
             serial: Serial::new(out),
             nics,
+            ics,
             control,
             notified,
             tick,
@@ -791,8 +808,11 @@ impl Platform {
         }
         // The ticker kicks only after the previous tick was taken; with no NICs the tick
         // is left set, so an idle VM without NICs is not woken every poll period.
-        if !self.nics.is_empty() && self.tick.swap(false, Ordering::AcqRel) {
-            self.nics.pump(&mut self.host);
+        if self.tick.swap(false, Ordering::AcqRel) {
+            if !self.nics.is_empty() {
+                self.nics.pump(&mut self.host);
+            }
+            self.ics.pump(&mut self.host, Instant::now());
         }
         if self.notified.get() || self.host.pending_messages() > 0 || self.host.events_pending() {
             self.deliver();
@@ -802,6 +822,19 @@ impl Platform {
     fn answer(&mut self, request: &Request) -> Answer {
         match request {
             Request::Status => Ok(self.status()),
+            Request::Shutdown => self.ics.request_shutdown(&mut self.host),
+            Request::Kvp => {
+                let pairs = self.ics.kvp_pairs();
+                Ok(if pairs.is_empty() {
+                    "no KVP pairs from the guest yet".into()
+                } else {
+                    pairs
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+            }
             Request::NicList => {
                 let lines = self.nics.list(&self.host);
                 Ok(if lines.is_empty() {
@@ -905,6 +938,8 @@ impl Platform {
                         .join(", "),
                 }
             ),
+            self.ics.summary(),
+            self.nics.azure_summary(),
             format!(
                 "exits: {} (io {}, msr {}, mmio {}, kicks {}, hlt {})",
                 s.total, s.io, s.msr, s.mmio, s.kicks, s.hlt

@@ -88,6 +88,7 @@ pub mod control;
 pub mod devices;
 pub mod elf;
 pub mod hyperv;
+pub mod ic;
 pub mod kick;
 pub mod machine;
 pub mod nic;
