@@ -21,8 +21,8 @@ use hvnet_wire::ring::{
     RING_READ_INDEX_OFFSET, RING_WRITE_INDEX_OFFSET,
 };
 use hvnet_wire::rndis::{
-    encode_packet, encode_rss_parameters, InitializeRequest, KeepaliveRequest, Oid, Ppi, PpiType,
-    QueryRequest, RndisMessage, SetRequest, NDIS_HASH_FUNC_TOEPLITZ, NDIS_HASH_IPV4,
+    encode_packet, encode_rss_parameters, InitializeRequest, KeepaliveRequest, Ndis8021qInfo, Oid,
+    Ppi, PpiType, QueryRequest, RndisMessage, SetRequest, NDIS_HASH_FUNC_TOEPLITZ, NDIS_HASH_IPV4,
     NDIS_HASH_TCP_IPV4, NETVSC_DEFAULT_HASH_KEY,
 };
 use hvnet_wire::vmbus::{ChannelMessage, GpaRange};
@@ -185,6 +185,14 @@ impl Indication {
     fn frame(&self) -> (Vec<u8>, Option<u32>) {
         match RndisMessage::parse(&self.bytes).unwrap() {
             RndisMessage::Packet(p) => (p.data.to_vec(), p.hash_value()),
+            other => panic!("expected a PACKET, got {other:?}"),
+        }
+    }
+
+    /// The frame and its VLAN PPI.
+    fn frame_vlan(&self) -> (Vec<u8>, Option<Ndis8021qInfo>) {
+        match RndisMessage::parse(&self.bytes).unwrap() {
+            RndisMessage::Packet(p) => (p.data.to_vec(), p.vlan()),
             other => panic!("expected a PACKET, got {other:?}"),
         }
     }
@@ -362,10 +370,15 @@ impl World {
 
     /// NDIS config/version and both buffers.
     fn buffers(&mut self, n: usize) {
+        self.buffers_with_mtu(n, 1514);
+    }
+
+    /// NDIS config with frame MTU `frame_mtu`, NDIS version and both buffers.
+    fn buffers_with_mtu(&mut self, n: usize, frame_mtu: u32) {
         let version = self.nics[n].version;
         if version >= 0x30002 {
             let m = NvspMessage::SendNdisConfig(SendNdisConfig {
-                mtu: 1514.into(),
+                mtu: frame_mtu.into(),
                 reserved: 0.into(),
                 capability: NDIS_CAP_IEEE8021Q.into(),
             });
@@ -626,10 +639,21 @@ impl World {
     /// Transmits RNDIS PACKETs for `frames`, batched into send section `section`, each
     /// padded to 8 bytes; returns the 108 status.
     fn transmit_section(&mut self, n: usize, section: u32, frames: &[Vec<u8>]) -> u32 {
+        self.transmit_with_ppis(n, section, frames, &[])
+    }
+
+    /// Like `transmit_section`, with `ppis` on every frame.
+    fn transmit_with_ppis(
+        &mut self,
+        n: usize,
+        section: u32,
+        frames: &[Vec<u8>],
+        ppis: &[Ppi<'_>],
+    ) -> u32 {
         let mut batch = Vec::new();
         for f in frames {
-            let mut m = vec![0u8; 64 + f.len()];
-            let len = encode_packet(&mut m, &[], f).unwrap();
+            let mut m = vec![0u8; 128 + f.len()];
+            let len = encode_packet(&mut m, ppis, f).unwrap();
             m.truncate(len);
             let padded = len.div_ceil(8) * 8;
             m.resize(padded, 0);
@@ -644,6 +668,31 @@ impl World {
             channel_type: 0.into(),
             send_buf_section_index: section.into(),
             send_buf_section_size: (batch.len() as u32).into(),
+        });
+        let tid = self.send_nvsp(n, 0, &msg);
+        let pkts = self.read_all(n, 0);
+        let c = pkts
+            .iter()
+            .find(|p| p.ptype == COMP && p.tid == tid)
+            .expect("send completion");
+        let NvspMessage::SendRndisPacketComplete(c) =
+            NvspMessage::parse(&c.payload, Sender::Host).unwrap()
+        else {
+            panic!()
+        };
+        c.status.get()
+    }
+
+    /// Sends one raw RNDIS message from send section `section`; returns the 108 status.
+    fn transmit_raw_section(&mut self, n: usize, section: u32, message: &[u8]) -> u32 {
+        let nic = &self.nics[n];
+        let off = section as usize * nic.send_section_size as usize;
+        let send = nic.send.as_ref().unwrap();
+        buf_io(&self.g.mem, &send.pfns, off, &mut message.to_vec(), true);
+        let msg = NvspMessage::SendRndisPacket(SendRndisPacket {
+            channel_type: 0.into(),
+            send_buf_section_index: section.into(),
+            send_buf_section_size: (message.len() as u32).into(),
         });
         let tid = self.send_nvsp(n, 0, &msg);
         let pkts = self.read_all(n, 0);
@@ -1481,5 +1530,172 @@ fn two_nics_talk_through_the_switch() {
     // A's filter drops it: it is addressed to 02:..:99, not to A.
     sw.pump_nic(pa, &a);
     assert_eq!(a.stats().filtered_drops, 1);
+    assert_eq!(w.violations(), 0);
+}
+
+/// An Ethernet frame of `len` bytes to `dst` (ethertype 0x88B5).
+fn sized_frame(dst: [u8; 6], len: usize) -> Vec<u8> {
+    let mut f = frame_to(dst, 7);
+    f.resize(len, 7);
+    f
+}
+
+/// `frame` with an 802.1Q tag carrying `tci` after the MACs.
+fn tagged(frame: &[u8], tci: u16) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    f.extend_from_slice(&[0x81, 0x00]);
+    f.extend_from_slice(&tci.to_be_bytes());
+    f.extend_from_slice(&frame[12..]);
+    f
+}
+
+/// The MTU from SEND_NDIS_CONFIG is the one enforced (frames one byte over are dropped
+/// both ways) and reported in the state; OID_GEN_MAXIMUM_FRAME_SIZE keeps reporting the
+/// port's maximum; a new session (primary closed and opened) takes a new value.
+#[test]
+fn ndis_config_mtu_is_enforced_and_renegotiated() {
+    let mut w = World::one(NetvspConfig {
+        mtu: 9000,
+        ..config()
+    });
+    let h = w.h(0);
+    for (round, mtu) in [4000u32, 1000].into_iter().enumerate() {
+        if round > 0 {
+            // A new session: close the primary, give the buffers back, open again.
+            let relid = w.nics[0].chans[&0].relid;
+            w.g.close(relid);
+            for b in [w.nics[0].recv.take(), w.nics[0].send.take()]
+                .into_iter()
+                .flatten()
+            {
+                w.g.teardown(relid, b.gpadl);
+                w.g.mem.free_pages(&b.pfns);
+            }
+            w.g.take_all();
+            w.nics[0].chans.clear();
+        }
+        w.open_primary(0);
+        assert_eq!(w.init(0, 0x60001), NvspStatus::SUCCESS);
+        w.buffers_with_mtu(0, mtu + 14);
+        w.rndis_init(0);
+        assert_eq!(
+            w.set(0, Oid::GEN_CURRENT_PACKET_FILTER, &0x0Du32.to_le_bytes()),
+            0
+        );
+        let st = h.state();
+        assert_eq!((st.mtu, st.ndis_config_mtu), (mtu, Some(mtu + 14)));
+        let (status, info) = w.query(0, Oid::GEN_MAXIMUM_FRAME_SIZE);
+        assert_eq!((status, info), (0, 9000u32.to_le_bytes().to_vec()));
+        let limit = mtu as usize + 14;
+        // To the guest: the limit passes, one more byte does not; a tag adds 4.
+        assert_eq!(
+            h.send_to_guest(&sized_frame(MAC, limit)),
+            RxVerdict::Queued(0)
+        );
+        assert_eq!(
+            h.send_to_guest(&sized_frame(MAC, limit + 1)),
+            RxVerdict::TooLong
+        );
+        let big_tagged = tagged(&sized_frame(MAC, limit), 5);
+        assert_eq!(h.send_to_guest(&big_tagged), RxVerdict::Queued(0));
+        let (ind, _) = w.receive(0, true);
+        let got: Vec<usize> = ind.iter().map(|i| i.frame().0.len()).collect();
+        assert_eq!(got, [limit, limit]);
+        // From the guest: the limit is handed on, one more byte is refused.
+        let before = h.stats().malformed;
+        assert_eq!(w.transmit_section(0, 0, &[sized_frame(MAC, limit)]), 1);
+        assert_eq!(h.take_from_guest().map(|f| f.len()), Some(limit));
+        w.transmit_section(0, 1, &[sized_frame(MAC, limit + 1)]);
+        assert_eq!(h.take_from_guest(), None);
+        assert_eq!(h.stats().malformed, before + 1);
+    }
+    assert!(h.stats().oversize_drops >= 2);
+    assert_eq!(w.violations(), 0);
+}
+
+/// 802.1Q: tags of frames for the guest travel as VLAN PPIs (the frame untagged), a
+/// port VLAN tags untagged frames, and a guest frame's VLAN PPI is put back into the
+/// frame the host hands on; a frame for another VLAN than the port's is dropped.
+#[test]
+fn vlan_ppis_both_ways() {
+    let mut w = World::one(NetvspConfig {
+        port_vlan: Some(42),
+        ..config()
+    });
+    w.bring_up(0, 0x60001);
+    let h = w.h(0);
+    let plain = frame_to(MAC, 1);
+    // VLAN 100, priority 5, DEI set.
+    let tci = 0xb000 | 100;
+    assert_eq!(h.send_to_guest(&tagged(&plain, tci)), RxVerdict::Queued(0));
+    assert_eq!(h.send_to_guest(&plain), RxVerdict::Queued(0));
+    let (ind, _) = w.receive(0, true);
+    let frames: Vec<_> = ind.iter().map(|i| i.frame_vlan()).collect();
+    assert_eq!(frames.len(), 2);
+    assert_eq!(frames[0].0, plain, "the tag left the frame");
+    let v = frames[0].1.unwrap();
+    assert_eq!(
+        (v.vlan_id(), v.priority(), v.cfi(), v.tci()),
+        (100, 5, true, tci)
+    );
+    assert_eq!(frames[1].0, plain);
+    assert_eq!(
+        frames[1].1.map(|v| (v.vlan_id(), v.priority())),
+        Some((42, 0))
+    );
+    assert_eq!(h.stats().vlan_rx, 2);
+
+    // Guest to host: the PPI's tag goes back into the frame.
+    let ppi = Ndis8021qInfo::from_tci(42 | 0x2000).0.to_le_bytes();
+    let ppis = [Ppi::new(PpiType::IEEE_8021Q_INFO, &ppi)];
+    assert_eq!(
+        w.transmit_with_ppis(0, 0, std::slice::from_ref(&plain), &ppis),
+        1
+    );
+    assert_eq!(h.take_from_guest(), Some(tagged(&plain, 42 | 0x2000)));
+    // Without a PPI the frame goes on as it is.
+    assert_eq!(w.transmit_section(0, 1, std::slice::from_ref(&plain)), 1);
+    assert_eq!(h.take_from_guest(), Some(plain.clone()));
+    // Another VLAN than the port's: dropped and counted.
+    let other = Ndis8021qInfo::new(7, 0).0.to_le_bytes();
+    let ppis = [Ppi::new(PpiType::IEEE_8021Q_INFO, &other)];
+    assert_eq!(
+        w.transmit_with_ppis(0, 2, std::slice::from_ref(&plain), &ppis),
+        1
+    );
+    assert_eq!(h.take_from_guest(), None);
+    let s = h.stats();
+    assert_eq!((s.vlan_tx, s.vlan_drops), (1, 1));
+    // A VLAN PPI too short for its value is a malformed send.
+    let mut m = Vec::new();
+    let total = 8 + 36 + 14 + plain.len() as u32;
+    for word in [
+        1,
+        total,
+        36 + 14,
+        plain.len() as u32,
+        0,
+        0,
+        0,
+        36,
+        14,
+        0,
+        0,
+        14,
+        6,
+        12,
+    ] {
+        m.extend_from_slice(&word.to_le_bytes());
+    }
+    m.extend_from_slice(&[42, 0]);
+    m.extend_from_slice(&plain);
+    let RndisMessage::Packet(p) = RndisMessage::parse(&m).unwrap() else {
+        panic!()
+    };
+    assert_eq!(p.data, &plain[..]);
+    let before = h.stats().malformed;
+    w.transmit_raw_section(0, 3, &m);
+    assert_eq!(h.take_from_guest(), None);
+    assert_eq!(h.stats().malformed, before + 1);
     assert_eq!(w.violations(), 0);
 }

@@ -9,9 +9,25 @@
 //! Received frames are copied once, out of the shared receive buffer into a private
 //! scratch buffer, before they are parsed or handed on. That copy is also what makes the
 //! driver safe against a host that rewrites a buffer after the guest checked it.
+//!
+//! # The data path's costs
+//!
+//! A poll of a queue is one batch: the host's `write_index` is read once
+//! ([`hvnet_vmbus::ring::RingPair::begin_read`]), every receive completion is staged
+//! from a packet prepared when the queue was attached (only the transaction id changes),
+//! and at the end the completions and the read position are published with one store
+//! each and at most one signal. A transmit copies the frame into a send section and
+//! writes one prepared SEND_RNDIS_PKT. Counters are cells, so counting copies nothing.
+//!
+//! # VLAN
+//!
+//! The host moves 802.1Q tags out of frames into a per-packet info (type 6). On receive
+//! the tag is put back into the frame (TPID 0x8100 and the TCI from the PPI) so that the
+//! network side sees an ordinary tagged frame; on transmit a tagged frame leaves with its
+//! tag stripped and a VLAN PPI instead, as Linux sends it.
 
 use alloc::collections::{BTreeMap, VecDeque};
-use alloc::rc::Rc;
+use alloc::rc::{Rc, Weak};
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -20,23 +36,26 @@ use core::mem::size_of;
 
 use hvnet_runtime::sync::WaitQueue;
 use hvnet_runtime::{Duration, Handle};
-use hvnet_vmbus::bus::OpenedChannel;
+use hvnet_vmbus::bus::{Device, OpenedChannel};
 use hvnet_vmbus::channel::{BoxFuture, ChannelError};
 use hvnet_vmbus::memory::SharedBuffer;
-use hvnet_vmbus::ring::{OutgoingPacket, RingError};
+use hvnet_vmbus::ring::{Incoming, OutgoingPacket, PreparedPacket, RingError};
 use hvnet_wire::nvsp::{
-    NvspMessage, NvspStatus, NvspVersion, SendRndisPacket, SendRndisPacketComplete, Sender,
-    NETVSC_RECEIVE_BUFFER_ID, NVSP_CHANNEL_TYPE_CONTROL, NVSP_CHANNEL_TYPE_DATA, VRSS_CHANNEL_MAX,
-    VRSS_SEND_TAB_SIZE,
+    parse_fixed, NvspMessage, NvspMessageType, NvspStatus, NvspVersion, SendRndisPacket,
+    SendRndisPacketComplete, NETVSC_RECEIVE_BUFFER_ID, NVSP_CHANNEL_TYPE_CONTROL,
+    NVSP_CHANNEL_TYPE_DATA, VRSS_CHANNEL_MAX, VRSS_SEND_TAB_SIZE,
 };
 use hvnet_wire::ring::{PacketKind, VmTransferPageHeader, VmTransferPageRange};
-use hvnet_wire::rndis::{RndisMessage, RndisPacket, RndisStatus, RNDIS_HEADER_SIZE};
+use hvnet_wire::rndis::{
+    Ndis8021qInfo, PacketView, PerPacketInfo, PpiType, RndisHeader, RndisMessage, RndisMessageType,
+    RndisPacket, RndisStatus, PPI_HEADER_SIZE, RNDIS_HEADER_SIZE,
+};
 use log::{debug, info, warn};
 use zerocopy::IntoBytes;
 
 use crate::config::NetvscConfig;
 use crate::flow::flow_hash;
-use crate::nic::{Nic, NicError, NicFuture, QueueStats};
+use crate::nic::{MtuFuture, Nic, NicError, NicFuture, QueueStats};
 use crate::sections::Sections;
 use crate::select::FirstOf;
 
@@ -46,6 +65,16 @@ pub(crate) const CONTROL_TAG: u64 = 1 << 62;
 pub(crate) const TX_TAG: u64 = 1 << 61;
 /// RNDIS PACKET header in front of every transmitted frame (no per-packet info).
 const TX_HEADER: usize = RNDIS_HEADER_SIZE + size_of::<RndisPacket>();
+/// One 802.1Q tag in a frame (TPID and TCI).
+pub(crate) const VLAN_TAG: usize = 4;
+/// A VLAN per-packet info: its header and one u32.
+pub(crate) const VLAN_PPI: usize = PPI_HEADER_SIZE + 4;
+/// Where `transmit` has the network side write a frame in its staging buffer: with the
+/// RNDIS header right in front of it for an untagged frame, and for a tagged one room
+/// for the header and a VLAN PPI once the 4 tag bytes are taken out.
+const TX_FRAME_AT: usize = TX_HEADER + VLAN_PPI - VLAN_TAG;
+/// 802.1Q TPID.
+const ETHERTYPE_VLAN: [u8; 2] = [0x81, 0x00];
 /// Largest RNDIS message taken from the receive buffer (a host range beyond it is
 /// malformed: real hosts use 1728-byte slots, jumbo frames need about 9.1 KB).
 const MAX_RX_MESSAGE: usize = 16 * 1024;
@@ -53,7 +82,11 @@ const MAX_RX_MESSAGE: usize = 16 * 1024;
 /// larger ones are skipped.
 const MAX_RING_PACKET: usize = 64 * 1024;
 /// Ethernet header length.
-const ETH_HEADER: usize = 14;
+pub(crate) const ETH_HEADER: usize = 14;
+/// Snapshots of a ring's `write_index` one poll takes at most: the second picks up what
+/// arrived while the first was processed; anything later waits for the next poll, so a
+/// host that writes without pause cannot keep a poll going.
+const SNAPSHOTS_PER_POLL: usize = 2;
 
 /// Why a control exchange with the host failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,15 +145,26 @@ impl From<NetvscError> for ChannelError {
 }
 
 /// Where received frames go.
-enum Sink<'a> {
+pub(crate) enum Sink<'a> {
     /// The network side's callback (its `receive`).
     Deliver(&'a mut dyn FnMut(&[u8])),
     /// The NIC's backlog: a sender is digging for send completions that sit behind
-    /// received frames; the frames wait there for the next `receive`.
+    /// received frames; the frames wait there for the next `receive`. Reading stops when
+    /// the backlog is full (the host keeps the rest).
     Stash,
+    /// The backlog while the queues are being stopped: frames go there while it has
+    /// room and are dropped (counted) after, because the rings must be emptied.
+    Drain,
     /// Nowhere: the NIC is not registered yet; frames are dropped and counted.
     Drop,
 }
+
+/// Receive completions a poll gathers before it stages them.
+const ACK_BATCH: usize = 64;
+/// Ring bytes a poll copies out per frame of its budget (see `read_queue`).
+const RING_BYTES_PER_FRAME: usize = 128;
+/// Most ring bytes a poll copies out at once.
+const READ_WINDOW: usize = 8192;
 
 /// Frames the backlog holds; past it the rings are left alone (the host queues).
 const BACKLOG_FRAMES: usize = 256;
@@ -134,32 +178,106 @@ pub struct NicCounters {
     pub link_changes: u64,
     /// Send indirection tables received.
     pub send_tables: u64,
+    /// Received frames whose VLAN PPI was put back into the frame as a tag.
+    pub vlan_rx: u64,
+    /// Tagged frames sent with the tag moved into a VLAN PPI.
+    pub vlan_tx: u64,
+    /// MTU changes carried out.
+    pub mtu_changes: u64,
+}
+
+/// Counters of one queue, a cell each (counting copies nothing).
+#[derive(Default)]
+struct QueueCounters {
+    rx_packets: Cell<u64>,
+    rx_bytes: Cell<u64>,
+    rx_dropped: Cell<u64>,
+    tx_packets: Cell<u64>,
+    tx_bytes: Cell<u64>,
+    tx_busy: Cell<u64>,
+    tx_errors: Cell<u64>,
+}
+
+fn add(cell: &Cell<u64>, n: u64) {
+    cell.set(cell.get().wrapping_add(n));
+}
+
+impl QueueCounters {
+    fn from_stats(s: QueueStats) -> Self {
+        Self {
+            rx_packets: Cell::new(s.rx_packets),
+            rx_bytes: Cell::new(s.rx_bytes),
+            rx_dropped: Cell::new(s.rx_dropped),
+            tx_packets: Cell::new(s.tx_packets),
+            tx_bytes: Cell::new(s.tx_bytes),
+            tx_busy: Cell::new(s.tx_busy),
+            tx_errors: Cell::new(s.tx_errors),
+        }
+    }
+
+    fn snapshot(&self) -> QueueStats {
+        QueueStats {
+            rx_packets: self.rx_packets.get(),
+            rx_bytes: self.rx_bytes.get(),
+            rx_dropped: self.rx_dropped.get(),
+            tx_packets: self.tx_packets.get(),
+            tx_bytes: self.tx_bytes.get(),
+            tx_busy: self.tx_busy.get(),
+            tx_errors: self.tx_errors.get(),
+        }
+    }
 }
 
 /// One queue: an open channel (the primary is queue 0; sub-channel n is queue n).
 pub(crate) struct Queue {
     pub(crate) index: u16,
     pub(crate) channel: OpenedChannel,
-    stats: Cell<QueueStats>,
-    /// Receive completions the ring had no room for, oldest first.
-    owed: RefCell<VecDeque<u64>>,
+    stats: QueueCounters,
+    /// Transaction ids of receive indications to complete (successfully): gathered
+    /// during a poll and staged together at its end, as Linux's multi-receive-completion
+    /// buffer does; those the ring had no room for stay here, oldest first.
+    acks: RefCell<Vec<u64>>,
+    /// SEND_RNDIS_PKT_COMPLETE (success), laid out once; each receive completion is a
+    /// copy with its transaction id.
+    completion: Option<PreparedPacket>,
+    /// SEND_RNDIS_PKT of a data frame from a send section, laid out once; each send
+    /// sets its section, size and transaction id.
+    send: RefCell<Option<PreparedPacket>>,
 }
 
 impl Queue {
-    pub(crate) fn new(index: u16, channel: OpenedChannel) -> Rc<Self> {
+    pub(crate) fn new(index: u16, channel: OpenedChannel, stats: QueueStats) -> Rc<Self> {
         Rc::new(Self {
             index,
             channel,
-            stats: Cell::new(QueueStats::default()),
-            owed: RefCell::new(VecDeque::new()),
+            stats: QueueCounters::from_stats(stats),
+            acks: RefCell::new(Vec::with_capacity(ACK_BATCH)),
+            completion: prepared_completion(),
+            send: RefCell::new(prepared_send()),
         })
     }
+}
 
-    fn count(&self, f: impl FnOnce(&mut QueueStats)) {
-        let mut s = self.stats.get();
-        f(&mut s);
-        self.stats.set(s);
-    }
+/// The receive completion every queue sends per indication: 8 bytes of NVSP (type 108,
+/// status success) in a completion packet, as Linux's `netvsc_send_recv_completion`.
+fn prepared_completion() -> Option<PreparedPacket> {
+    let msg = NvspMessage::SendRndisPacketComplete(SendRndisPacketComplete {
+        status: NvspStatus::SUCCESS.0.into(),
+    });
+    let mut bytes = [0u8; 8];
+    let len = msg.encode_into(&mut bytes).ok()?;
+    PreparedPacket::new(&OutgoingPacket::completion(0, &[&bytes[..len]])).ok()
+}
+
+/// SEND_RNDIS_PKT (107, data) padded to 40 bytes in an in-band packet asking for
+/// completion.
+fn prepared_send() -> Option<PreparedPacket> {
+    let msg = NvspMessage::SendRndisPacket(SendRndisPacket {
+        channel_type: NVSP_CHANNEL_TYPE_DATA.into(),
+        ..SendRndisPacket::default()
+    });
+    let bytes = msg.encode().ok()?;
+    PreparedPacket::new(&OutgoingPacket::inband(0, true, &[bytes.as_bytes()])).ok()
 }
 
 /// The receive buffer as the host laid it out.
@@ -167,6 +285,8 @@ pub(crate) struct RecvBuffer {
     pub(crate) buf: Rc<dyn SharedBuffer>,
     /// End of the host's section area: ranges must lie below it.
     pub(crate) limit: usize,
+    /// Its GPADL on the primary channel.
+    pub(crate) gpadl: u32,
 }
 
 /// The send buffer and its sections.
@@ -174,6 +294,8 @@ pub(crate) struct SendBuffer {
     pub(crate) buf: Rc<dyn SharedBuffer>,
     pub(crate) section_size: usize,
     pub(crate) sections: Sections,
+    /// Its GPADL on the primary channel.
+    pub(crate) gpadl: u32,
 }
 
 /// A control request's answer slot.
@@ -187,6 +309,11 @@ pub struct NetvscNic {
     pub(crate) id: String,
     pub(crate) handle: Handle,
     pub(crate) config: NetvscConfig,
+    /// The NIC itself, for the sub-channel handler (which must not keep it alive).
+    pub(crate) me: Weak<NetvscNic>,
+    /// The primary channel's device handle (to reopen it on an MTU change); taken when
+    /// the NIC goes away.
+    pub(crate) device: RefCell<Option<Device>>,
     pub(crate) nvsp_version: Cell<NvspVersion>,
     /// The open queues, ascending by sub-channel index (the primary first).
     queues: RefCell<Vec<Rc<Queue>>>,
@@ -194,8 +321,14 @@ pub struct NetvscNic {
     pub(crate) send: RefCell<Option<SendBuffer>>,
     pub(crate) mac: Cell<[u8; 6]>,
     pub(crate) mtu: Cell<usize>,
+    /// The largest MTU the host and the send sections allow.
+    pub(crate) max_mtu: Cell<usize>,
     pub(crate) link: Cell<bool>,
     removed: Cell<bool>,
+    /// Set while the queues are stopped for an MTU change.
+    pub(crate) paused: Cell<bool>,
+    /// Set while an MTU change runs (a second one is refused).
+    pub(crate) changing: Cell<bool>,
     control: RefCell<BTreeMap<u64, Rc<Pending>>>,
     rndis: RefCell<BTreeMap<u32, Rc<Pending>>>,
     next_id: Cell<u32>,
@@ -205,9 +338,14 @@ pub struct NetvscNic {
     packet_scratch: RefCell<Vec<u8>>,
     tx_scratch: RefCell<Vec<u8>>,
     rx_cursor: Cell<usize>,
+    /// A poll gave send sections back; it tells the waiters once, at its end.
+    sections_freed: Cell<bool>,
     /// Frames taken off the rings while looking for send completions, oldest first, with
     /// their queue.
     backlog: RefCell<VecDeque<(u16, Vec<u8>)>>,
+    /// Counters of queues that were closed for an MTU change, by index, so that the
+    /// queues reopened after it carry on counting.
+    saved_stats: RefCell<BTreeMap<u16, QueueStats>>,
     /// Bumped on every change the network side must look at (link, send room, removal).
     generation: Cell<u64>,
     seen_generation: Cell<u64>,
@@ -219,20 +357,26 @@ impl NetvscNic {
         id: String,
         handle: Handle,
         config: NetvscConfig,
-        primary: OpenedChannel,
+        device: Device,
+        me: Weak<NetvscNic>,
     ) -> Self {
         Self {
             id,
             handle,
             config,
+            me,
+            device: RefCell::new(Some(device)),
             nvsp_version: Cell::new(NvspVersion::PROTOCOL_VERSION_1),
-            queues: RefCell::new(vec![Queue::new(0, primary)]),
+            queues: RefCell::new(Vec::new()),
             recv: RefCell::new(None),
             send: RefCell::new(None),
             mac: Cell::new([0; 6]),
             mtu: Cell::new(1500),
+            max_mtu: Cell::new(1500),
             link: Cell::new(false),
             removed: Cell::new(false),
+            paused: Cell::new(false),
+            changing: Cell::new(false),
             control: RefCell::new(BTreeMap::new()),
             rndis: RefCell::new(BTreeMap::new()),
             next_id: Cell::new(1),
@@ -242,7 +386,9 @@ impl NetvscNic {
             packet_scratch: RefCell::new(vec![0; 4096]),
             tx_scratch: RefCell::new(Vec::new()),
             rx_cursor: Cell::new(0),
+            sections_freed: Cell::new(false),
             backlog: RefCell::new(VecDeque::new()),
+            saved_stats: RefCell::new(BTreeMap::new()),
             generation: Cell::new(0),
             seen_generation: Cell::new(0),
             events: WaitQueue::named("netvsc nic event"),
@@ -274,14 +420,31 @@ impl NetvscNic {
         self.send.borrow().as_ref().map_or(0, |s| s.sections.free())
     }
 
+    /// Send sections in all (0 without a send buffer).
+    pub fn send_sections(&self) -> usize {
+        self.send
+            .borrow()
+            .as_ref()
+            .map_or(0, |s| s.sections.count())
+    }
+
+    /// Whether the queues are stopped for an MTU change.
+    pub fn is_paused(&self) -> bool {
+        self.paused.get()
+    }
+
     fn malformed(&self, what: core::fmt::Arguments<'_>) {
-        let mut c = self.counters.get();
-        c.malformed += 1;
-        self.counters.set(c);
+        self.count(|c| c.malformed += 1);
         debug!("netvsc {}: dropped malformed host input: {what}", self.id);
     }
 
-    fn bump(&self) {
+    pub(crate) fn count(&self, f: impl FnOnce(&mut NicCounters)) {
+        let mut c = self.counters.get();
+        f(&mut c);
+        self.counters.set(c);
+    }
+
+    pub(crate) fn bump(&self) {
         self.generation.set(self.generation.get().wrapping_add(1));
         self.events.wake_all();
     }
@@ -308,6 +471,32 @@ impl NetvscNic {
         self.queues.borrow().clone()
     }
 
+    /// A fresh queue for `channel` as `index`, counting on from where a queue of that
+    /// index stopped (an MTU change closes and reopens every queue).
+    fn new_queue(&self, index: u16, channel: OpenedChannel) -> Rc<Queue> {
+        let stats = self
+            .saved_stats
+            .borrow_mut()
+            .remove(&index)
+            .unwrap_or_default();
+        Queue::new(index, channel, stats)
+    }
+
+    /// Installs the opened primary channel as queue 0. Returns it back if the NIC is
+    /// gone or a primary is already installed, so the caller can close it.
+    pub(crate) fn attach_primary(&self, channel: OpenedChannel) -> Result<(), OpenedChannel> {
+        if self.removed.get() {
+            return Err(channel);
+        }
+        let mut queues = self.queues.borrow_mut();
+        if queues.first().is_some_and(|q| q.index == 0) {
+            return Err(channel);
+        }
+        let queue = self.new_queue(0, channel);
+        queues.insert(0, queue);
+        Ok(())
+    }
+
     /// Attaches an opened sub-channel as queue `index`. Returns the channel back if the
     /// slot is taken or the NIC is gone, so the caller can close it.
     pub(crate) fn attach_queue(
@@ -325,7 +514,8 @@ impl NetvscNic {
         let Err(at) = queues.binary_search_by_key(&index, |q| q.index) else {
             return Err(channel);
         };
-        queues.insert(at, Queue::new(index, channel));
+        let queue = self.new_queue(index, channel);
+        queues.insert(at, queue);
         drop(queues);
         self.bump();
         Ok(())
@@ -341,11 +531,42 @@ impl NetvscNic {
         };
         if let Some(send) = self.send.borrow_mut().as_mut() {
             let lost = send.sections.reclaim_queue(index) as u64;
-            queue.count(|s| s.tx_errors += lost);
+            add(&queue.stats.tx_errors, lost);
         }
         info!("netvsc {}: queue {index} removed", self.id);
         self.bump();
         Rc::try_unwrap(queue).ok().map(|q| q.channel)
+    }
+
+    /// Takes every queue out (an MTU change closes them): sends still in flight count as
+    /// errors, the counters are kept for the queues that will replace them. Returns the
+    /// channels, sub-channels first and the primary last (the order to close them in).
+    pub(crate) fn take_queues(&self) -> Vec<OpenedChannel> {
+        let queues = core::mem::take(&mut *self.queues.borrow_mut());
+        let mut channels = Vec::new();
+        for q in queues.iter().rev() {
+            if let Some(send) = self.send.borrow_mut().as_mut() {
+                let lost = send.sections.reclaim_queue(q.index) as u64;
+                add(&q.stats.tx_errors, lost);
+            }
+            self.saved_stats
+                .borrow_mut()
+                .insert(q.index, q.stats.snapshot());
+            for trans_id in q.acks.borrow_mut().drain(..) {
+                debug!(
+                    "netvsc {}: receive completion {trans_id:#x} dropped with queue {}",
+                    self.id, q.index
+                );
+            }
+            channels.push(q.channel.clone());
+        }
+        self.bump();
+        channels
+    }
+
+    /// Takes the receive and send buffers out (their GPADLs are torn down by the caller).
+    pub(crate) fn take_buffers(&self) -> (Option<RecvBuffer>, Option<SendBuffer>) {
+        (self.recv.borrow_mut().take(), self.send.borrow_mut().take())
     }
 
     /// Marks the NIC removed and lets go of every queue and buffer: nothing is sent or
@@ -358,7 +579,7 @@ impl NetvscNic {
         for q in queues {
             if let Some(send) = self.send.borrow_mut().as_mut() {
                 let lost = send.sections.reclaim_queue(q.index) as u64;
-                q.count(|s| s.tx_errors += lost);
+                add(&q.stats.tx_errors, lost);
             }
             if q.index != 0 {
                 subchannels.push(q.channel.clone());
@@ -369,8 +590,20 @@ impl NetvscNic {
         self.backlog.borrow_mut().clear();
         self.control.borrow_mut().clear();
         self.rndis.borrow_mut().clear();
+        self.saved_stats.borrow_mut().clear();
+        self.device.borrow_mut().take();
         self.bump();
         subchannels
+    }
+
+    /// Resolves once no MTU change runs.
+    pub(crate) async fn change_done(&self) {
+        self.events.wait_until(|| !self.changing.get()).await;
+    }
+
+    /// Whether the NIC was removed (also while an MTU change runs).
+    pub(crate) fn removed(&self) -> bool {
+        self.removed.get()
     }
 
     // ---------------------------------------------------------------------------------
@@ -414,14 +647,18 @@ impl NetvscNic {
     }
 
     /// Sends an RNDIS control message (its `req_id` already set to `req_id`) through a
-    /// send section and waits for the host's *_CMPLT with the same id; returns it.
+    /// send section and waits for the host's *_CMPLT with the same id; returns it. With
+    /// `answer` unset (HALT has no completion) it returns once the message is sent.
     pub(crate) async fn rndis_request(
         &self,
         msg: &RndisMessage<'_>,
         req_id: u32,
+        answer: bool,
     ) -> Result<Vec<u8>, NetvscError> {
         let pending = Rc::new(Pending::default());
-        self.rndis.borrow_mut().insert(req_id, pending.clone());
+        if answer {
+            self.rndis.borrow_mut().insert(req_id, pending.clone());
+        }
         let result = async {
             let mut buf = vec![0u8; 2048];
             let len = msg
@@ -436,10 +673,16 @@ impl NetvscNic {
                     Err(_) => return Err(ChannelError::Rescinded.into()),
                 }
             }
-            self.wait_for(|| pending.reply.borrow().is_some()).await
+            if answer {
+                self.wait_for(|| pending.reply.borrow().is_some()).await
+            } else {
+                Ok(())
+            }
         }
         .await;
-        self.rndis.borrow_mut().remove(&req_id);
+        if answer {
+            self.rndis.borrow_mut().remove(&req_id);
+        }
         result?;
         let reply = pending.reply.borrow_mut().take().unwrap_or_default();
         Ok(reply)
@@ -469,7 +712,7 @@ impl NetvscNic {
 
     /// Polls the primary until `done` holds, waiting for host signals in between, for at
     /// most the configured reply timeout.
-    async fn wait_for(&self, mut done: impl FnMut() -> bool) -> Result<(), NetvscError> {
+    pub(crate) async fn wait_for(&self, mut done: impl FnMut() -> bool) -> Result<(), NetvscError> {
         let deadline = self.handle.now().saturating_add(self.config.reply_timeout);
         loop {
             if let Some(primary) = self.primary() {
@@ -494,7 +737,7 @@ impl NetvscNic {
 
     /// Waits for a signal on the primary (or any NIC event); fails once the primary is
     /// rescinded or the NIC removed.
-    async fn wait_for_change(&self) -> Result<(), NetvscError> {
+    pub(crate) async fn wait_for_change(&self) -> Result<(), NetvscError> {
         let Some(primary) = self.primary() else {
             return Err(ChannelError::Rescinded.into());
         };
@@ -524,13 +767,45 @@ impl NetvscNic {
         self.config.subchannel_timeout
     }
 
+    /// Stopping the queues for an MTU change: reads every queue until the host has
+    /// completed every send and has nothing more to indicate, or `deadline` passes.
+    /// Frames that arrive meanwhile wait in the backlog while it has room. Returns
+    /// whether the queues were quiet at the end.
+    pub(crate) async fn drain(&self, deadline: hvnet_runtime::Instant) -> bool {
+        loop {
+            let mut busy = false;
+            for queue in self.open_queue_list() {
+                let before = queue.channel.ring().incoming_stats().packets;
+                if let Err(e) = self.poll_queue(&queue, &mut Sink::Drain, usize::MAX) {
+                    debug!("netvsc {}: queue {} drain: {e}", self.id, queue.index);
+                    continue;
+                }
+                busy |= queue.channel.ring().incoming_stats().packets != before
+                    || !queue.acks.borrow().is_empty();
+            }
+            let sent_back = self
+                .send
+                .borrow()
+                .as_ref()
+                .is_none_or(|s| s.sections.free() == s.sections.count());
+            if !busy && sent_back {
+                return true;
+            }
+            if self.removed.get() || self.handle.now() >= deadline {
+                return false;
+            }
+            self.handle.sleep(Duration::from_micros(100)).await;
+        }
+    }
+
     // ---------------------------------------------------------------------------------
     // Packet processing.
 
     /// Processes what the host wrote to `queue`: completions, in-band messages and
-    /// received RNDIS messages. Data frames go to `sink`; at most `budget` are
-    /// delivered, and stashing stops when the backlog is full. Returns the number of
-    /// frames delivered.
+    /// received RNDIS messages, as one batch (one snapshot of the host's write index,
+    /// completions staged and published together with the read position, one signal).
+    /// Data frames go to `sink`; at most `budget` are delivered, and stashing stops when
+    /// the backlog is full. Returns the number of frames delivered.
     fn poll_queue(
         &self,
         queue: &Queue,
@@ -538,63 +813,123 @@ impl NetvscNic {
         budget: usize,
     ) -> Result<usize, NetvscError> {
         let ring = queue.channel.ring();
-        if !self.flush_owed(queue)? {
-            // No room even for the completions we owe: reading more would only add to
-            // them. The host signals when it has consumed some.
+        if queue.acks.borrow().is_empty() && !ring.has_incoming()? {
+            // Nothing new and nothing owed: every poll ends by publishing, so there is
+            // nothing to publish either.
             return Ok(0);
         }
         let mut delivered = 0;
+        let read = match self.flush_acks(queue) {
+            Ok(true) => self.read_queue(queue, sink, budget, &mut delivered),
+            // No room even for the completions we owe: reading more would only add to
+            // them. The host signals when it has consumed some.
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        };
+        let finished = self
+            .flush_acks(queue)
+            .and_then(|_| self.finish_batch(queue));
+        if self.sections_freed.replace(false) {
+            self.bump();
+        }
+        read?;
+        finished?;
+        Ok(delivered)
+    }
+
+    /// Reads packets of `queue`, starting with `batch` (see [`Self::poll_queue`]).
+    fn read_queue(
+        &self,
+        queue: &Queue,
+        sink: &mut Sink<'_>,
+        budget: usize,
+        delivered: &mut usize,
+    ) -> Result<(), NetvscError> {
+        let ring = queue.channel.ring();
         let mut scratch = self.packet_scratch.borrow_mut();
-        while delivered < budget {
-            if matches!(sink, Sink::Stash) && self.backlog.borrow().len() >= BACKLOG_FRAMES {
-                break;
+        // Enough ring bytes for the frames the budget allows and the completions around
+        // them (a receive indication is 72 bytes, a send completion 56).
+        let window = budget.saturating_mul(RING_BYTES_PER_FRAME).min(READ_WINDOW);
+        for _ in 0..SNAPSHOTS_PER_POLL {
+            let mut batch = ring.begin_read_windowed(&mut scratch, window)?;
+            if batch.is_empty() {
+                return Ok(());
             }
-            match ring.read_packet(&mut scratch) {
-                Ok(None) => break,
-                Ok(Some(packet)) => {
-                    let trans_id = packet.descriptor.trans_id.get();
-                    match packet.kind {
-                        PacketKind::Completion => {
-                            self.on_completion(queue, trans_id, packet.payload)
-                        }
-                        PacketKind::InBand => self.on_inband(packet.payload),
-                        PacketKind::TransferPages { header, ranges } => {
-                            delivered += self.on_receive(
-                                queue,
-                                trans_id,
-                                header,
-                                ranges,
-                                packet.payload,
-                                sink,
-                            )
-                        }
-                        PacketKind::GpaDirect { .. } => {
-                            self.malformed(format_args!("GPA-direct packet from the host"))
+            loop {
+                if *delivered >= budget {
+                    return Ok(());
+                }
+                if matches!(sink, Sink::Stash) && self.backlog.borrow().len() >= BACKLOG_FRAMES {
+                    return Ok(());
+                }
+                if !self.room_for_acks(queue)? {
+                    // The ring has no room for more completions: stop reading.
+                    return Ok(());
+                }
+                let incoming = match batch.next(MAX_RING_PACKET) {
+                    Ok(Some(incoming)) => incoming,
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!(
+                            "netvsc {}: queue {} ring failed: {e:?}",
+                            self.id, queue.index
+                        );
+                        return Err(e.into());
+                    }
+                };
+                match incoming {
+                    Incoming::Packet(packet) => {
+                        let trans_id = packet.descriptor.trans_id.get();
+                        match packet.kind {
+                            PacketKind::Completion => {
+                                self.on_completion(queue, trans_id, packet.payload)
+                            }
+                            PacketKind::InBand => self.on_inband(packet.payload),
+                            PacketKind::TransferPages { header, ranges } => {
+                                *delivered += self.on_receive(
+                                    queue,
+                                    trans_id,
+                                    header,
+                                    ranges,
+                                    packet.payload,
+                                    sink,
+                                )
+                            }
+                            PacketKind::GpaDirect { .. } => {
+                                self.malformed(format_args!("GPA-direct packet from the host"))
+                            }
                         }
                     }
-                }
-                Err(RingError::BufferTooSmall { needed }) if needed <= MAX_RING_PACKET => {
-                    scratch.resize(needed, 0);
-                }
-                Err(RingError::BufferTooSmall { needed }) => {
-                    ring.advance()?;
-                    self.malformed(format_args!("{needed}-byte ring packet"));
-                }
-                Err(RingError::BadPacket(e)) => self.malformed(format_args!("ring packet: {e:?}")),
-                Err(e) => {
-                    warn!(
-                        "netvsc {}: queue {} ring failed: {e:?}",
-                        self.id, queue.index
-                    );
-                    return Err(e.into());
+                    Incoming::Malformed(e) => self.malformed(format_args!("ring packet: {e:?}")),
+                    Incoming::TooLong(n) => self.malformed(format_args!("{n}-byte ring packet")),
                 }
             }
         }
-        drop(scratch);
-        if ring.read_done()? {
+        Ok(())
+    }
+
+    /// Whether the completions gathered on `queue` leave room for another packet's: at
+    /// [`ACK_BATCH`] they are staged; `false` if the ring cannot take them (reading more
+    /// would only add to them).
+    fn room_for_acks(&self, queue: &Queue) -> Result<bool, NetvscError> {
+        if queue.acks.borrow().len() < ACK_BATCH {
+            return Ok(true);
+        }
+        self.flush_acks(queue)
+    }
+
+    /// Publishes the completions staged on `queue` and hands the space read back to the
+    /// host, with one signal if either asks for it.
+    fn finish_batch(&self, queue: &Queue) -> Result<(), NetvscError> {
+        let ring = queue.channel.ring();
+        let published = ring.publish();
+        let consumed = ring.read_done();
+        if published.as_ref().is_ok_and(|w| w.signal) || consumed.as_ref().is_ok_and(|s| *s) {
             queue.channel.signal_host();
         }
-        Ok(delivered)
+        published.map(|_| ())?;
+        consumed.map(|_| ())?;
+        Ok(())
     }
 
     /// Frees send sections for a sender that is not receiving: reads every queue's ring
@@ -613,21 +948,44 @@ impl NetvscNic {
         }
     }
 
-    /// Sends the receive completions still owed on `queue`; returns whether all went.
-    fn flush_owed(&self, queue: &Queue) -> Result<bool, NetvscError> {
-        loop {
-            let Some(&trans_id) = queue.owed.borrow().front() else {
-                return Ok(true);
-            };
-            if !self.complete_receive(queue, trans_id, NvspStatus::SUCCESS)? {
-                return Ok(false);
-            }
-            queue.owed.borrow_mut().pop_front();
+    /// Stages the receive completions gathered on `queue`; returns whether all went (if
+    /// not, the rest stay for the next poll, and what was staged is published so that
+    /// the host can make room).
+    fn flush_acks(&self, queue: &Queue) -> Result<bool, NetvscError> {
+        let mut acks = queue.acks.borrow_mut();
+        if acks.is_empty() {
+            return Ok(true);
         }
+        let ring = queue.channel.ring();
+        let staged = match &queue.completion {
+            Some(template) => match ring.stage_prepared_batch(template, &acks) {
+                Ok(n) => n,
+                Err(RingError::Full { .. }) => 0,
+                Err(e) => return Err(e.into()),
+            },
+            None => {
+                let mut n = 0;
+                for &trans_id in acks.iter() {
+                    if !self.stage_completion(queue, trans_id, NvspStatus::SUCCESS)? {
+                        break;
+                    }
+                    n += 1;
+                }
+                n
+            }
+        };
+        acks.drain(..staged);
+        if acks.is_empty() {
+            return Ok(true);
+        }
+        if ring.publish()?.signal {
+            queue.channel.signal_host();
+        }
+        Ok(false)
     }
 
-    /// Writes one receive completion; `Ok(false)` if the ring is full.
-    fn complete_receive(
+    /// Stages one receive completion with `status`; `Ok(false)` if the ring is full.
+    fn stage_completion(
         &self,
         queue: &Queue,
         trans_id: u64,
@@ -643,14 +1001,9 @@ impl NetvscNic {
         match queue
             .channel
             .ring()
-            .try_write(&OutgoingPacket::completion(trans_id, &[&bytes[..len]]))
+            .stage(&OutgoingPacket::completion(trans_id, &[&bytes[..len]]))
         {
-            Ok(w) => {
-                if w.signal {
-                    queue.channel.signal_host();
-                }
-                Ok(true)
-            }
+            Ok(()) => Ok(true),
             Err(RingError::Full { .. }) => Ok(false),
             Err(e) => Err(e.into()),
         }
@@ -659,9 +1012,12 @@ impl NetvscNic {
     fn on_completion(&self, queue: &Queue, trans_id: u64, payload: &[u8]) {
         if trans_id & TX_TAG != 0 && trans_id & CONTROL_TAG == 0 {
             let section = (trans_id & 0xffff_ffff) as u32;
-            let status = match NvspMessage::parse(payload, Sender::Host) {
-                Ok(NvspMessage::SendRndisPacketComplete(c)) => c.status.get(),
-                _ => return self.malformed(format_args!("send completion {trans_id:#x}")),
+            let status = match parse_fixed::<SendRndisPacketComplete>(
+                payload,
+                NvspMessageType::SEND_RNDIS_PKT_COMPLETE,
+            ) {
+                Ok(c) => c.status.get(),
+                Err(_) => return self.malformed(format_args!("send completion {trans_id:#x}")),
             };
             let freed = self
                 .send
@@ -672,9 +1028,10 @@ impl NetvscNic {
                 return self.malformed(format_args!("completion for idle section {section}"));
             }
             if status != NvspStatus::SUCCESS.0 {
-                queue.count(|s| s.tx_errors += 1);
+                add(&queue.stats.tx_errors, 1);
             }
-            self.bump();
+            // Waiters are told once, at the end of the poll.
+            self.sections_freed.set(true);
         } else if let Some(p) = self.control.borrow().get(&trans_id) {
             *p.reply.borrow_mut() = Some(payload.to_vec());
         } else {
@@ -685,7 +1042,7 @@ impl NetvscNic {
     }
 
     fn on_inband(&self, payload: &[u8]) {
-        match NvspMessage::parse(payload, Sender::Host) {
+        match NvspMessage::parse(payload, hvnet_wire::nvsp::Sender::Host) {
             Ok(NvspMessage::SendIndirectionTable(m)) => {
                 let Ok(table) = m.table(self.nvsp_version.get()) else {
                     return self.malformed(format_args!("send indirection table"));
@@ -698,9 +1055,7 @@ impl NetvscNic {
                     return self.malformed(format_args!("send table entry out of range: {t:?}"));
                 }
                 *self.send_table.borrow_mut() = t;
-                let mut c = self.counters.get();
-                c.send_tables += 1;
-                self.counters.set(c);
+                self.count(|c| c.send_tables += 1);
                 debug!("netvsc {}: send indirection table {t:?}", self.id);
             }
             Ok(NvspMessage::SendVfAssociation(_)) => {
@@ -732,25 +1087,31 @@ impl NetvscNic {
             ));
             NvspStatus::FAIL
         } else {
-            match NvspMessage::parse(payload, Sender::Host) {
-                Ok(NvspMessage::SendRndisPacket(_)) => {
+            match parse_fixed::<SendRndisPacket>(payload, NvspMessageType::SEND_RNDIS_PKT) {
+                Ok(_) => {
                     for range in ranges {
                         delivered += self.on_rndis_range(queue, range, sink);
                     }
                     NvspStatus::SUCCESS
                 }
-                _ => {
+                Err(_) => {
                     self.malformed(format_args!("transfer-page packet without SEND_RNDIS_PKT"));
                     NvspStatus::FAIL
                 }
             }
         };
         // The host keeps the slots busy until it gets this completion, whatever we
-        // thought of the contents.
-        match self.complete_receive(queue, trans_id, status) {
-            Ok(true) => {}
-            Ok(false) => queue.owed.borrow_mut().push_back(trans_id),
-            Err(e) => warn!("netvsc {}: receive completion failed: {e}", self.id),
+        // thought of the contents. Successes are staged together at the end of the poll.
+        let queued = status == NvspStatus::SUCCESS
+            || match self.stage_completion(queue, trans_id, status) {
+                Ok(staged) => !staged,
+                Err(e) => {
+                    warn!("netvsc {}: receive completion failed: {e}", self.id);
+                    false
+                }
+            };
+        if queued {
+            queue.acks.borrow_mut().push(trans_id);
         }
         delivered
     }
@@ -766,43 +1127,87 @@ impl NetvscNic {
         let mut scratch = self.rx_scratch.borrow_mut();
         let copied = {
             let recv = self.recv.borrow();
-            match recv.as_ref() {
-                Some(r)
-                    if len <= MAX_RX_MESSAGE
-                        && offset.checked_add(len).is_some_and(|end| end <= r.limit) =>
+            match (recv.as_ref(), scratch.get_mut(..len)) {
+                (Some(r), Some(dst))
+                    if offset.checked_add(len).is_some_and(|end| end <= r.limit) =>
                 {
-                    r.buf.read(offset, &mut scratch[..len]).is_ok()
+                    r.buf.read(offset, dst).is_ok()
                 }
                 _ => false,
             }
         };
         if !copied {
-            queue.count(|s| s.rx_dropped += 1);
+            add(&queue.stats.rx_dropped, 1);
             self.malformed(format_args!("receive range {offset:#x}+{len:#x}"));
             return 0;
         }
-        let bytes = &scratch[..len];
-        match RndisMessage::parse(bytes) {
-            Ok(RndisMessage::Packet(p)) => {
-                let frame = p.data;
-                let usable = !self.removed.get() && frame.len() >= ETH_HEADER;
-                match sink {
-                    Sink::Deliver(d) if usable => {
-                        d(frame);
-                        queue.count(|s| {
-                            s.rx_packets += 1;
-                            s.rx_bytes += frame.len() as u64;
-                        });
-                        return 1;
-                    }
-                    Sink::Stash if usable => {
-                        self.backlog
-                            .borrow_mut()
-                            .push_back((queue.index, frame.to_vec()));
-                    }
-                    _ => queue.count(|s| s.rx_dropped += 1),
-                }
+        let message = &mut scratch[..len];
+        match PacketView::parse(message) {
+            Ok(Some(view)) => self.on_frame(queue, message, view, sink),
+            Ok(None) => {
+                self.on_control_message(queue, message);
+                0
             }
+            Err(e) => {
+                add(&queue.stats.rx_dropped, 1);
+                self.malformed(format_args!("RNDIS message: {e:?}"));
+                0
+            }
+        }
+    }
+
+    /// A received data frame (`view` checked against `message`, private memory): the VLAN
+    /// tag goes back into the frame, then the frame goes to `sink`.
+    fn on_frame(
+        &self,
+        queue: &Queue,
+        message: &mut [u8],
+        view: PacketView,
+        sink: &mut Sink<'_>,
+    ) -> usize {
+        if self.removed.get() || view.data_len < ETH_HEADER {
+            add(&queue.stats.rx_dropped, 1);
+            return 0;
+        }
+        let end = view.data_start + view.data_len;
+        let start = match view.vlan {
+            None => view.data_start,
+            Some(tag) => match insert_vlan_tag(message, view.data_start, tag) {
+                Some(start) => {
+                    self.count(|c| c.vlan_rx += 1);
+                    start
+                }
+                None => {
+                    add(&queue.stats.rx_dropped, 1);
+                    self.malformed(format_args!("VLAN frame at {}", view.data_start));
+                    return 0;
+                }
+            },
+        };
+        let Some(frame) = message.get(start..end) else {
+            add(&queue.stats.rx_dropped, 1);
+            return 0;
+        };
+        match sink {
+            Sink::Deliver(d) => {
+                d(frame);
+                add(&queue.stats.rx_packets, 1);
+                add(&queue.stats.rx_bytes, frame.len() as u64);
+                return 1;
+            }
+            Sink::Stash | Sink::Drain if self.backlog.borrow().len() < BACKLOG_FRAMES => {
+                self.backlog
+                    .borrow_mut()
+                    .push_back((queue.index, frame.to_vec()));
+            }
+            _ => add(&queue.stats.rx_dropped, 1),
+        }
+        0
+    }
+
+    /// A received RNDIS message that is not a data frame.
+    fn on_control_message(&self, queue: &Queue, bytes: &[u8]) {
+        match RndisMessage::parse(bytes) {
             Ok(RndisMessage::IndicateStatus { body, .. }) => {
                 self.on_status(RndisStatus(body.status.get()))
             }
@@ -826,11 +1231,10 @@ impl NetvscNic {
             }
             Ok(m) => self.malformed(format_args!("unexpected RNDIS {:?}", m.message_type())),
             Err(e) => {
-                queue.count(|s| s.rx_dropped += 1);
+                add(&queue.stats.rx_dropped, 1);
                 self.malformed(format_args!("RNDIS message: {e:?}"));
             }
         }
-        0
     }
 
     fn on_status(&self, status: RndisStatus) {
@@ -839,9 +1243,7 @@ impl NetvscNic {
             RndisStatus::MEDIA_DISCONNECT => false,
             other => return debug!("netvsc {}: RNDIS status {:#x} ignored", self.id, other.0),
         };
-        let mut c = self.counters.get();
-        c.link_changes += 1;
-        self.counters.set(c);
+        self.count(|c| c.link_changes += 1);
         if self.link.replace(up) != up {
             info!(
                 "netvsc {}: link {}",
@@ -855,6 +1257,38 @@ impl NetvscNic {
     // ---------------------------------------------------------------------------------
     // Transmit.
 
+    /// Takes a free send section on queue `queue` and copies `message` into it, reaping
+    /// completions once if no section is free; returns the section.
+    fn fill_section(&self, queue: u16, message: &[u8]) -> Result<u32, NicError> {
+        for attempt in 0..2 {
+            {
+                let mut guard = self.send.borrow_mut();
+                let send = guard.as_mut().ok_or(NicError::Removed)?;
+                if message.len() > send.section_size {
+                    return Err(NicError::TooLong);
+                }
+                if let Some(section) = send.sections.take(queue) {
+                    let offset = section as usize * send.section_size;
+                    if send.buf.write(offset, message).is_err() {
+                        send.sections.give_back(section, queue);
+                        return Err(NicError::Removed);
+                    }
+                    return Ok(section);
+                }
+            }
+            if attempt == 0 {
+                self.reap_completions();
+            }
+        }
+        Err(NicError::Busy)
+    }
+
+    fn give_back(&self, section: u32, queue: u16) {
+        if let Some(s) = self.send.borrow_mut().as_mut() {
+            s.sections.give_back(section, queue);
+        }
+    }
+
     /// Copies one RNDIS message into a free send section and sends it on `queue`; the
     /// section comes back with the host's completion.
     fn send_section(
@@ -864,52 +1298,39 @@ impl NetvscNic {
         message: &[u8],
     ) -> Result<(), NicError> {
         let queue_index = queue.index;
-        let (section, buf, offset) = {
-            let mut send_guard = self.send.borrow_mut();
-            let mut send = send_guard.as_mut().ok_or(NicError::Removed)?;
-            if message.len() > send.section_size {
-                return Err(NicError::TooLong);
-            }
-            let section = match send.sections.take(queue_index) {
-                Some(section) => section,
-                None => {
-                    drop(send_guard);
-                    self.reap_completions();
-                    send_guard = self.send.borrow_mut();
-                    send = send_guard.as_mut().ok_or(NicError::Removed)?;
-                    send.sections.take(queue_index).ok_or(NicError::Busy)?
-                }
-            };
-            (
-                section,
-                send.buf.clone(),
-                section as usize * send.section_size,
-            )
-        };
-        let give_back = || {
-            if let Some(s) = self.send.borrow_mut().as_mut() {
-                s.sections.give_back(section, queue_index);
-            }
-        };
-        if buf.write(offset, message).is_err() {
-            give_back();
-            return Err(NicError::Removed);
-        }
-        let msg = NvspMessage::SendRndisPacket(SendRndisPacket {
-            channel_type: channel_type.into(),
-            send_buf_section_index: section.into(),
-            send_buf_section_size: (message.len() as u32).into(),
-        });
-        let Ok(bytes) = msg.encode() else {
-            give_back();
-            return Err(NicError::TooLong);
-        };
+        let section = self.fill_section(queue_index, message)?;
         let ring = queue.channel.ring();
-        match ring.try_write(&OutgoingPacket::inband(
-            TX_TAG | u64::from(section),
-            true,
-            &[bytes.as_bytes()],
-        )) {
+        let trans_id = TX_TAG | u64::from(section);
+        // `fill_section` bounded the message by the section size, a u32.
+        let size = message.len() as u32;
+        let mut prepared = queue.send.borrow_mut();
+        let written = match prepared.as_mut() {
+            Some(prepared) if channel_type == NVSP_CHANNEL_TYPE_DATA => {
+                prepared.set_trans_id(trans_id);
+                // SEND_RNDIS_PKT: section index at 8, its used size at 12.
+                let where_ = u64::from(section) | u64::from(size) << 32;
+                prepared.payload_mut()[8..16].copy_from_slice(&where_.to_le_bytes());
+                ring.try_write_prepared(prepared)
+            }
+            _ => {
+                let msg = NvspMessage::SendRndisPacket(SendRndisPacket {
+                    channel_type: channel_type.into(),
+                    send_buf_section_index: section.into(),
+                    send_buf_section_size: size.into(),
+                });
+                match msg.encode() {
+                    Ok(bytes) => {
+                        ring.try_write(&OutgoingPacket::inband(trans_id, true, &[bytes.as_bytes()]))
+                    }
+                    Err(_) => {
+                        self.give_back(section, queue_index);
+                        return Err(NicError::TooLong);
+                    }
+                }
+            }
+        };
+        drop(prepared);
+        match written {
             Ok(w) => {
                 if w.signal {
                     queue.channel.signal_host();
@@ -917,29 +1338,108 @@ impl NetvscNic {
                 Ok(())
             }
             Err(RingError::Full { needed }) => {
-                give_back();
+                self.give_back(section, queue_index);
                 // Ask the host to signal once the packet fits.
                 let _ = ring.set_pending_send_size(needed);
                 Err(NicError::Busy)
             }
             Err(e) => {
-                give_back();
+                self.give_back(section, queue_index);
                 warn!("netvsc {}: queue {queue_index} send failed: {e:?}", self.id);
-                queue.count(|s| s.tx_errors += 1);
+                add(&queue.stats.tx_errors, 1);
                 Err(NicError::Removed)
             }
         }
     }
 
-    /// The queue for a frame: the host's send table entry for its flow hash, if that
-    /// queue is open; otherwise the primary (`None` once the NIC has no queues).
-    fn tx_queue(&self, frame: &[u8]) -> Option<Rc<Queue>> {
+    /// Sends a data frame's RNDIS `message` on the queue the host's send table gives
+    /// its flow (`frame`, inside the message); the primary if that queue is not open.
+    /// `len` is the frame as the network side wrote it (with its tag, if any).
+    fn send_frame(
+        &self,
+        message: &[u8],
+        frame: &[u8],
+        tagged: bool,
+        len: usize,
+    ) -> Result<(), NicError> {
         let entry = flow_hash(frame).map_or(0, |hash| {
             self.send_table.borrow()[hash as usize % VRSS_SEND_TAB_SIZE]
         });
         let index = u16::try_from(entry).unwrap_or(0);
-        self.queue(index).or_else(|| self.primary())
+        let queues = self.queues.borrow();
+        // Queues are sorted by index and usually dense: look where it would be first.
+        let queue = match queues.get(usize::from(index)) {
+            Some(q) if q.index == index => q,
+            _ => queues
+                .iter()
+                .find(|q| q.index == index)
+                .or_else(|| queues.first().filter(|q| q.index == 0))
+                .ok_or(NicError::Removed)?,
+        };
+        let result = self.send_section(queue, NVSP_CHANNEL_TYPE_DATA, message);
+        match result {
+            Ok(()) => {
+                add(&queue.stats.tx_packets, 1);
+                add(&queue.stats.tx_bytes, len as u64);
+                if tagged {
+                    self.count(|c| c.vlan_tx += 1);
+                }
+            }
+            Err(NicError::Busy) => add(&queue.stats.tx_busy, 1),
+            Err(_) => {}
+        }
+        result
     }
+}
+
+/// Puts an 802.1Q tag with `tag`'s TCI into the frame at `start` of `message` (private
+/// memory), moving the two MAC addresses 4 bytes to the front. Returns where the tagged
+/// frame starts, or `None` if there is no room in front or the frame has no MACs.
+fn insert_vlan_tag(message: &mut [u8], start: usize, tag: Ndis8021qInfo) -> Option<usize> {
+    let new_start = start.checked_sub(VLAN_TAG)?;
+    if message.len() < start + 12 {
+        return None;
+    }
+    message.copy_within(start..start + 12, new_start);
+    let tci = tag.tci().to_be_bytes();
+    message[new_start + 12..new_start + 16].copy_from_slice(&[
+        ETHERTYPE_VLAN[0],
+        ETHERTYPE_VLAN[1],
+        tci[0],
+        tci[1],
+    ]);
+    Some(new_start)
+}
+
+/// Builds the RNDIS PACKET message around the frame of `len` bytes that the network side
+/// wrote at [`TX_FRAME_AT`] of `staged`. A tagged frame (TPID 0x8100 and a full tag) has
+/// its tag moved into a VLAN PPI. Returns the message's byte range in `staged` and the
+/// frame's (as sent).
+fn frame_tx_message(
+    staged: &mut [u8],
+    len: usize,
+) -> (core::ops::Range<usize>, core::ops::Range<usize>, bool) {
+    let end = TX_FRAME_AT + len;
+    let tagged = len >= ETH_HEADER + VLAN_TAG
+        && staged[TX_FRAME_AT + 12..TX_FRAME_AT + 14] == ETHERTYPE_VLAN;
+    if !tagged {
+        let start = TX_FRAME_AT - TX_HEADER;
+        write_packet_header(&mut staged[start..TX_FRAME_AT], len, 0);
+        return (start..end, TX_FRAME_AT..end, false);
+    }
+    let tci = u16::from_be_bytes([staged[TX_FRAME_AT + 14], staged[TX_FRAME_AT + 15]]);
+    // The MACs move over the tag; the PPI goes in front of them.
+    staged.copy_within(TX_FRAME_AT..TX_FRAME_AT + 12, TX_FRAME_AT + VLAN_TAG);
+    let ppi = PerPacketInfo {
+        size: (VLAN_PPI as u32).into(),
+        type_word: PpiType::IEEE_8021Q_INFO.0.into(),
+        ppi_offset: (PPI_HEADER_SIZE as u32).into(),
+    };
+    staged[TX_HEADER..TX_HEADER + PPI_HEADER_SIZE].copy_from_slice(ppi.as_bytes());
+    staged[TX_HEADER + PPI_HEADER_SIZE..TX_HEADER + VLAN_PPI]
+        .copy_from_slice(&Ndis8021qInfo::from_tci(tci).0.to_le_bytes());
+    write_packet_header(&mut staged[..TX_HEADER], len - VLAN_TAG, VLAN_PPI);
+    (0..end, TX_HEADER + VLAN_PPI..end, true)
 }
 
 impl Nic for NetvscNic {
@@ -971,10 +1471,6 @@ impl Nic for NetvscNic {
         if self.removed.get() {
             return 0;
         }
-        let count = self.queues.borrow().len();
-        if count == 0 {
-            return 0;
-        }
         let mut delivered = 0;
         while delivered < budget {
             let Some((index, frame)) = self.backlog.borrow_mut().pop_front() else {
@@ -983,11 +1479,13 @@ impl Nic for NetvscNic {
             deliver(&frame);
             delivered += 1;
             if let Some(q) = self.queue(index) {
-                q.count(|s| {
-                    s.rx_packets += 1;
-                    s.rx_bytes += frame.len() as u64;
-                });
+                add(&q.stats.rx_packets, 1);
+                add(&q.stats.rx_bytes, frame.len() as u64);
             }
+        }
+        let count = self.queues.borrow().len();
+        if count == 0 || self.paused.get() {
+            return delivered;
         }
         // Round robin without allocating: this runs once per frame the network side
         // takes. A queue detached meanwhile just ends the round early.
@@ -1013,39 +1511,34 @@ impl Nic for NetvscNic {
         if self.removed.get() {
             return Err(NicError::Removed);
         }
+        if self.paused.get() {
+            return Err(NicError::Busy);
+        }
         if !self.link.get() {
             return Err(NicError::LinkDown);
         }
-        // A VLAN tag may ride in the frame, hence + 4.
-        if len < ETH_HEADER || len > self.mtu.get() + ETH_HEADER + 4 {
+        // A VLAN tag may ride in the frame, hence + 4 (checked again once it is known).
+        let mtu = self.mtu.get();
+        if len < ETH_HEADER || len > mtu + ETH_HEADER + VLAN_TAG {
             return Err(NicError::TooLong);
         }
         // The queue depends on the flow, which only the filled frame tells; so the
         // message is built in private memory first, then copied into a send section.
-        let total = TX_HEADER + len;
+        let total = TX_FRAME_AT + len;
         let mut staged = self.tx_scratch.borrow_mut();
         if staged.len() < total {
             staged.resize(total, 0);
         }
-        write_packet_header(&mut staged[..TX_HEADER], len);
-        fill(&mut staged[TX_HEADER..total]);
-        let queue = self
-            .tx_queue(&staged[TX_HEADER..total])
-            .ok_or(NicError::Removed)?;
-        let result = self.send_section(&queue, NVSP_CHANNEL_TYPE_DATA, &staged[..total]);
-        match result {
-            Ok(()) => queue.count(|s| {
-                s.tx_packets += 1;
-                s.tx_bytes += len as u64;
-            }),
-            Err(NicError::Busy) => queue.count(|s| s.tx_busy += 1),
-            Err(_) => {}
+        fill(&mut staged[TX_FRAME_AT..total]);
+        let (message, frame, tagged) = frame_tx_message(&mut staged[..total], len);
+        if frame.len() > mtu + ETH_HEADER {
+            return Err(NicError::TooLong);
         }
-        result
+        self.send_frame(&staged[message], &staged[frame], tagged, len)
     }
 
     fn can_transmit(&self) -> bool {
-        if self.removed.get() || !self.link.get() {
+        if self.removed.get() || self.paused.get() || !self.link.get() {
             return false;
         }
         if self.free_send_sections() == 0 {
@@ -1061,19 +1554,25 @@ impl Nic for NetvscNic {
             let ready = self.removed.get()
                 || self.generation.get() != seen
                 || !self.backlog.borrow().is_empty()
-                || queues.iter().any(|q| {
-                    !q.owed.borrow().is_empty() || q.channel.ring().has_incoming().unwrap_or(false)
-                });
+                || (!self.paused.get()
+                    && queues.iter().any(|q| {
+                        !q.acks.borrow().is_empty()
+                            || q.channel.ring().has_incoming().unwrap_or(false)
+                    }));
             if !ready {
-                let mut futures: Vec<BoxFuture<'_, ()>> = queues
-                    .into_iter()
-                    .map(|q| {
-                        let ch = q.channel.clone();
-                        alloc::boxed::Box::pin(async move {
-                            let _ = ch.wait_signal().await;
-                        }) as BoxFuture<'_, ()>
-                    })
-                    .collect();
+                let mut futures: Vec<BoxFuture<'_, ()>> = if self.paused.get() {
+                    Vec::new()
+                } else {
+                    queues
+                        .into_iter()
+                        .map(|q| {
+                            let ch = q.channel.clone();
+                            alloc::boxed::Box::pin(async move {
+                                let _ = ch.wait_signal().await;
+                            }) as BoxFuture<'_, ()>
+                        })
+                        .collect()
+                };
                 futures.push(alloc::boxed::Box::pin(
                     self.events
                         .wait_until(move || self.generation.get() != seen),
@@ -1088,21 +1587,100 @@ impl Nic for NetvscNic {
         u16::try_from(queue)
             .ok()
             .and_then(|q| self.queue(q))
-            .map_or_else(QueueStats::default, |q| q.stats.get())
+            .map_or_else(QueueStats::default, |q| q.stats.snapshot())
+    }
+
+    fn max_mtu(&self) -> usize {
+        self.max_mtu.get()
+    }
+
+    fn set_mtu(&self, mtu: usize) -> MtuFuture<'_> {
+        alloc::boxed::Box::pin(crate::driver::change_mtu(self, mtu))
     }
 }
 
-/// Writes the RNDIS PACKET header for a frame of `frame_len` bytes right behind it.
-fn write_packet_header(dst: &mut [u8], frame_len: usize) {
-    let body = RndisPacket {
-        data_offset: (size_of::<RndisPacket>() as u32).into(),
-        data_len: (frame_len as u32).into(),
-        ..RndisPacket::default()
-    };
-    let header = hvnet_wire::rndis::RndisHeader {
-        ndis_msg_type: hvnet_wire::rndis::RndisMessageType::PACKET.0.into(),
-        msg_len: ((TX_HEADER + frame_len) as u32).into(),
-    };
-    dst[..RNDIS_HEADER_SIZE].copy_from_slice(header.as_bytes());
-    dst[RNDIS_HEADER_SIZE..TX_HEADER].copy_from_slice(body.as_bytes());
+/// Writes the RNDIS PACKET header for a frame of `frame_len` bytes that follows
+/// `ppi_len` bytes of per-packet info right behind it (`dst` is [`TX_HEADER`] bytes).
+fn write_packet_header(dst: &mut [u8], frame_len: usize, ppi_len: usize) {
+    // Frames are bounded by the MTU, so every length fits a u32.
+    let body = size_of::<RndisPacket>() as u32;
+    let ppi_offset = if ppi_len == 0 { 0 } else { body };
+    let words: [u32; TX_HEADER / 4] = [
+        RndisMessageType::PACKET.0,
+        (TX_HEADER + ppi_len + frame_len) as u32,
+        body + ppi_len as u32,
+        frame_len as u32,
+        0,
+        0,
+        0,
+        ppi_offset,
+        ppi_len as u32,
+        0,
+        0,
+    ];
+    for (d, w) in dst.chunks_exact_mut(4).zip(words) {
+        d.copy_from_slice(&w.to_le_bytes());
+    }
+}
+
+// The header above is `RndisHeader` then `RndisPacket`, word by word.
+const _: () = assert!(TX_HEADER == size_of::<RndisHeader>() + size_of::<RndisPacket>());
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hvnet_wire::rndis::RndisMessage;
+
+    #[test]
+    fn tx_message_untagged_and_tagged() {
+        let frame: Vec<u8> = (0..60u8).collect();
+        let mut staged = vec![0u8; TX_FRAME_AT + frame.len()];
+        staged[TX_FRAME_AT..].copy_from_slice(&frame);
+        let (msg, f, tagged) = frame_tx_message(&mut staged, frame.len());
+        assert!(!tagged);
+        assert_eq!(&staged[f], &frame[..]);
+        let RndisMessage::Packet(p) = RndisMessage::parse(&staged[msg]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(p.data, &frame[..]);
+        assert_eq!(p.vlan(), None);
+
+        // 802.1Q, VLAN 100, priority 5, DEI set.
+        let mut tagged_frame = frame.clone();
+        tagged_frame[12..16].copy_from_slice(&[0x81, 0x00, 0xb0, 0x64]);
+        let mut staged = vec![0u8; TX_FRAME_AT + tagged_frame.len()];
+        staged[TX_FRAME_AT..].copy_from_slice(&tagged_frame);
+        let (msg, f, tagged) = frame_tx_message(&mut staged, tagged_frame.len());
+        assert!(tagged);
+        let mut untagged = tagged_frame[..12].to_vec();
+        untagged.extend_from_slice(&tagged_frame[16..]);
+        assert_eq!(&staged[f.clone()], &untagged[..]);
+        let bytes = staged[msg].to_vec();
+        let RndisMessage::Packet(p) = RndisMessage::parse(&bytes).unwrap() else {
+            panic!()
+        };
+        assert_eq!(p.data, &untagged[..]);
+        let v = p.vlan().unwrap();
+        assert_eq!((v.vlan_id(), v.priority(), v.cfi()), (100, 5, true));
+
+        // And back: the receive side puts the same tag into the same place.
+        let view = PacketView::parse(&bytes).unwrap().unwrap();
+        let mut rx = bytes.clone();
+        let start = insert_vlan_tag(&mut rx, view.data_start, view.vlan.unwrap()).unwrap();
+        assert_eq!(
+            &rx[start..view.data_start + view.data_len],
+            &tagged_frame[..]
+        );
+    }
+
+    #[test]
+    fn vlan_insertion_needs_room() {
+        let mut m = [0u8; 20];
+        assert_eq!(insert_vlan_tag(&mut m, 2, Ndis8021qInfo::new(1, 0)), None);
+        assert_eq!(insert_vlan_tag(&mut m, 10, Ndis8021qInfo::new(1, 0)), None);
+        assert_eq!(
+            insert_vlan_tag(&mut m, 8, Ndis8021qInfo::new(1, 0)),
+            Some(4)
+        );
+    }
 }

@@ -1,5 +1,5 @@
 //! The netvsc driver: probe (primary worker, under the configuration lock), the
-//! sub-channel handler (sub-channel worker, never the lock) and removal.
+//! sub-channel handler (sub-channel worker, never the lock), removal, and MTU changes.
 //!
 //! The probe follows Linux's `netvsc_probe` -> `rndis_filter_device_add` order: open the
 //! primary channel; NVSP INIT (newest version first); NDIS config and version; receive
@@ -8,6 +8,20 @@
 //! opened what the host granted; RSS parameters; packet filter; register the interface.
 //! The configuration lock is held from start to end, as rtnl is held in Linux: that is
 //! exactly the situation the two offer workers make safe.
+//!
+//! # MTU changes
+//!
+//! The MTU reaches the host only in NVSP's SEND_NDIS_CONFIG, which a host takes once per
+//! session and only before the receive buffer (it sizes the receive sections by it).
+//! There is no lighter way to change it than Linux's `netvsc_change_mtu`: detach the
+//! device and attach it again with the new value. Detaching stops the queues, sets the
+//! packet filter to 0 (`rndis_filter_close`), waits until every send is completed and
+//! the rings are quiet, sends RNDIS HALT, revokes both buffers, closes the sub-channels
+//! and then the primary, and tears the buffer GPADLs down (after the close, the order of
+//! Windows 10 and later hosts). Attaching is the probe's sequence again on the same NIC
+//! with the new MTU in the NDIS config. Sub-channels the host still offers are reopened
+//! directly; the ones it offers anew come through the sub-channel worker as at probe.
+//! If the host does not take the new MTU the NIC is attached again with the old one.
 
 use alloc::boxed::Box;
 use alloc::format;
@@ -22,26 +36,34 @@ use hvnet_vmbus::bus::{Device, Driver, OpenedChannel, RingSizes};
 use hvnet_vmbus::channel::{BoxFuture, ChannelError, DeviceInstance};
 use hvnet_vmbus::memory::SharedBuffer;
 use hvnet_wire::nvsp::{
-    Init, InitComplete, NvspMessage, NvspStatus, NvspVersion, SendNdisConfig, SendNdisVersion,
-    SendReceiveBuffer, SendSendBuffer, Sender, SubchannelRequest, NDIS_CAP_IEEE8021Q,
-    NDIS_CAP_SRIOV, NDIS_CAP_TEAMING, NETVSC_RECEIVE_BUFFER_ID, NETVSC_SEND_BUFFER_ID,
-    NVSP_GUEST_VERSIONS, NVSP_SUBCHANNEL_ALLOCATE, VRSS_CHANNEL_MAX,
+    Init, InitComplete, NvspMessage, NvspStatus, NvspVersion, RevokeBuffer, SendNdisConfig,
+    SendNdisVersion, SendReceiveBuffer, SendSendBuffer, Sender, SubchannelRequest,
+    NDIS_CAP_IEEE8021Q, NDIS_CAP_SRIOV, NDIS_CAP_TEAMING, NETVSC_RECEIVE_BUFFER_ID,
+    NETVSC_SEND_BUFFER_ID, NVSP_GUEST_VERSIONS, NVSP_SUBCHANNEL_ALLOCATE, VRSS_CHANNEL_MAX,
 };
 use hvnet_wire::rndis::{
-    encode_rss_parameters, InitializeComplete, InitializeRequest, NdisRecvScaleCap, Oid,
-    QueryRequest, RndisMessage, RndisStatus, SetRequest, ITAB_NUM, ITAB_NUM_MAX,
+    encode_rss_parameters, HaltRequest, InitializeComplete, InitializeRequest, NdisRecvScaleCap,
+    Oid, QueryRequest, RndisMessage, RndisPacket, RndisStatus, SetRequest, ITAB_NUM, ITAB_NUM_MAX,
     NDIS_HASH_FUNC_TOEPLITZ, NDIS_HASH_IPV4, NDIS_HASH_TCP_IPV4, NDIS_MEDIA_STATE_CONNECTED,
     NDIS_PACKET_TYPE_ALL_MULTICAST, NDIS_PACKET_TYPE_BROADCAST, NDIS_PACKET_TYPE_DIRECTED,
-    NETVSC_DEFAULT_HASH_KEY, RNDIS_LINUX_MAX_XFER_SIZE, RNDIS_MAJOR_VERSION, RNDIS_MINOR_VERSION,
+    NETVSC_DEFAULT_HASH_KEY, RNDIS_HEADER_SIZE, RNDIS_LINUX_MAX_XFER_SIZE, RNDIS_MAJOR_VERSION,
+    RNDIS_MINOR_VERSION,
 };
 use hvnet_wire::vmbus::{Guid, HV_NIC_GUID};
-use log::{info, warn};
+use log::{debug, info, warn};
 use zerocopy::FromBytes;
 
 use crate::config::NetvscConfig;
-use crate::device::{NetvscError, NetvscNic, RecvBuffer, SendBuffer};
-use crate::nic::{Nic, NicRegistry};
+use crate::device::{NetvscError, NetvscNic, RecvBuffer, SendBuffer, ETH_HEADER, VLAN_PPI};
+use crate::nic::{MtuError, Nic, NicRegistry, MIN_MTU};
 use crate::sections::Sections;
+
+/// The IP MTU of a standard Ethernet frame (Linux `ETH_DATA_LEN`): the initial MTU, and
+/// the most a host that sends no usable maximum (or an NVSP 1 host, which takes no NDIS
+/// config) allows.
+const ETH_DATA_LEN: usize = 1500;
+/// The largest IP MTU NVSP can describe (Linux `NETVSC_MTU - ETH_HLEN`).
+const NETVSC_MAX_MTU: usize = 65535 - ETH_HEADER;
 
 /// The netvsc driver, registered with the VMBus for the synthetic NIC class.
 pub struct NetvscDriver<R: NicRegistry + 'static> {
@@ -87,10 +109,8 @@ impl<R: NicRegistry + 'static> Driver for NetvscDriver<R> {
                         "netvsc: probe of {} failed: {e}",
                         device.channel().instance_id()
                     );
-                    if let Some(nic) = nic {
-                        for ch in nic.shut_down() {
-                            let _ = ch.close().await;
-                        }
+                    for ch in nic.shut_down() {
+                        let _ = ch.close().await;
                     }
                     return Err(e.into());
                 }
@@ -99,10 +119,11 @@ impl<R: NicRegistry + 'static> Driver for NetvscDriver<R> {
             registry.register(&mut table, as_nic);
             drop(table);
             info!(
-                "netvsc {}: up, MAC {}, MTU {}, {} queue(s), NVSP {:#x}, link {}",
+                "netvsc {}: up, MAC {}, MTU {} (at most {}), {} queue(s), NVSP {:#x}, link {}",
                 nic.id,
                 MacDisplay(nic.mac()),
                 nic.mtu(),
+                nic.max_mtu(),
                 nic.queue_count(),
                 nic.nvsp_version().0,
                 if nic.link_up() { "up" } else { "down" }
@@ -132,35 +153,57 @@ impl<R: NicRegistry + 'static> DeviceInstance for NetvscInstance<R> {
     fn subchannel_removed(&self, index: u16) -> BoxFuture<'static, ()> {
         let nic = self.nic.clone();
         Box::pin(async move {
+            // An MTU change may be closing or reopening this very sub-channel: the bus
+            // releases the channel once this returns, so let the change end first (it
+            // ends soon once the channel is rescinded). The primary's rescind waits for
+            // the change through the configuration lock.
+            nic.change_done().await;
             nic.detach_queue(index);
         })
     }
 }
 
-type ProbeError = (NetvscError, Option<Rc<NetvscNic>>);
-
-fn with_nic<T>(nic: &Rc<NetvscNic>, r: Result<T, NetvscError>) -> Result<T, ProbeError> {
-    r.map_err(|e| (e, Some(nic.clone())))
-}
+type ProbeError = (NetvscError, Rc<NetvscNic>);
 
 async fn bring_up(
     device: &Device,
     handle: Handle,
     config: NetvscConfig,
 ) -> Result<Rc<NetvscNic>, ProbeError> {
-    let sizes = RingSizes {
-        outgoing_pages: config.ring_pages,
-        incoming_pages: config.ring_pages,
-    };
-    let primary = device.open(sizes).await.map_err(|e| (e.into(), None))?;
     let id = format!("{}", device.channel().instance_id());
-    let nic = Rc::new(NetvscNic::new(id, handle, config, primary));
-    with_nic(&nic, negotiate(&nic).await)?;
-    with_nic(&nic, setup_buffers(device, &nic).await)?;
-    with_nic(&nic, rndis_init(&nic).await)?;
-    with_nic(&nic, setup_queues(device, &nic, sizes).await)?;
-    with_nic(&nic, set_packet_filter(&nic).await)?;
-    Ok(nic)
+    let nic = Rc::new_cyclic(|me: &Weak<NetvscNic>| {
+        NetvscNic::new(id, handle, config, device.clone(), me.clone())
+    });
+    match attach(device, &nic, Vec::new()).await {
+        Ok(()) => Ok(nic),
+        Err(e) => Err((e, nic)),
+    }
+}
+
+fn ring_sizes(nic: &NetvscNic) -> RingSizes {
+    RingSizes {
+        outgoing_pages: nic.config.ring_pages,
+        incoming_pages: nic.config.ring_pages,
+    }
+}
+
+/// Brings the device up on `nic` (the probe, and the second half of an MTU change):
+/// opens the primary, negotiates with the NIC's current MTU, sets up buffers, RNDIS and
+/// the queues. `known` are sub-channels opened before (an MTU change closed them) that
+/// may be reopened without a new offer.
+async fn attach(device: &Device, nic: &NetvscNic, known: Vec<Device>) -> Result<(), NetvscError> {
+    let sizes = ring_sizes(nic);
+    let primary = device.open(sizes).await?;
+    if let Err(ch) = nic.attach_primary(primary) {
+        let _ = ch.close().await;
+        return Err(ChannelError::Rescinded.into());
+    }
+    negotiate(nic).await?;
+    setup_buffers(device, nic).await?;
+    rndis_init(nic).await?;
+    setup_queues(device, nic, sizes, known).await?;
+    set_packet_filter(nic, default_filter()).await?;
+    Ok(())
 }
 
 /// NVSP INIT, newest version first, then NDIS config and version.
@@ -190,8 +233,10 @@ async fn negotiate(nic: &NetvscNic) -> Result<(), NetvscError> {
         if version >= NvspVersion::PROTOCOL_VERSION_5 {
             capability |= NDIS_CAP_SRIOV | NDIS_CAP_TEAMING;
         }
+        // The frame MTU: the IP MTU and the Ethernet header (Linux: mtu + ETH_HLEN).
+        let frame_mtu = u32::try_from(nic.mtu.get() + ETH_HEADER).unwrap_or(u32::MAX);
         let ndis_config = NvspMessage::SendNdisConfig(SendNdisConfig {
-            mtu: ((nic.mtu.get() + 14) as u32).into(),
+            mtu: frame_mtu.into(),
             reserved: 0.into(),
             capability: capability.into(),
         });
@@ -206,6 +251,16 @@ fn pages_for(bytes: usize) -> usize {
     bytes.div_ceil(hvnet_vmbus::memory::PAGE_SIZE).max(1)
 }
 
+/// Tears down a GPADL the host refused or that the NIC could not keep (best effort:
+/// after a rescind the bus takes care of it).
+async fn drop_gpadl(device: &Device, gpadl: u32) {
+    if !device.channel().is_rescinded() {
+        if let Err(e) = device.teardown_gpadl(gpadl).await {
+            debug!("netvsc: GPADL {gpadl:#x} teardown: {e}");
+        }
+    }
+}
+
 /// Receive buffer (GPADL, id 0xCAFE) and send buffer (id 0), checking the host's layout.
 async fn setup_buffers(device: &Device, nic: &NetvscNic) -> Result<(), NetvscError> {
     let bus = device.bus()?;
@@ -214,12 +269,62 @@ async fn setup_buffers(device: &Device, nic: &NetvscNic) -> Result<(), NetvscErr
             .alloc(pages_for(nic.config.recv_buffer_bytes))?,
     );
     let gpadl = device.create_gpadl(recv.clone()).await?;
+    let limit = match receive_buffer_layout(nic, gpadl, recv.len()).await {
+        Ok(limit) if !nic.removed() => limit,
+        Ok(_) => {
+            drop_gpadl(device, gpadl).await;
+            return Err(ChannelError::Rescinded.into());
+        }
+        Err(e) => {
+            drop_gpadl(device, gpadl).await;
+            return Err(e);
+        }
+    };
+    *nic.recv.borrow_mut() = Some(RecvBuffer {
+        buf: recv,
+        limit,
+        gpadl,
+    });
+
+    let send: Rc<dyn SharedBuffer> = Rc::from(
+        bus.allocator()
+            .alloc(pages_for(nic.config.send_buffer_bytes))?,
+    );
+    let gpadl = device.create_gpadl(send.clone()).await?;
+    let section_size = match send_buffer_layout(nic, gpadl, send.len()).await {
+        Ok(size) if !nic.removed() => size,
+        Ok(_) => {
+            drop_gpadl(device, gpadl).await;
+            return Err(ChannelError::Rescinded.into());
+        }
+        Err(e) => {
+            drop_gpadl(device, gpadl).await;
+            return Err(e);
+        }
+    };
+    let count = send.len() / section_size;
+    *nic.send.borrow_mut() = Some(SendBuffer {
+        buf: send,
+        section_size,
+        sections: Sections::new(count),
+        gpadl,
+    });
+    Ok(())
+}
+
+/// SEND_RECV_BUF for `gpadl` (a buffer of `len` bytes); returns the end of the host's
+/// section area.
+async fn receive_buffer_layout(
+    nic: &NetvscNic,
+    gpadl: u32,
+    len: usize,
+) -> Result<usize, NetvscError> {
     let msg = NvspMessage::SendReceiveBuffer(SendReceiveBuffer {
         gpadl_handle: gpadl.into(),
         id: NETVSC_RECEIVE_BUFFER_ID.into(),
     });
     let reply = nic.nvsp_request(&msg, true).await?;
-    let limit = match NvspMessage::parse(&reply, Sender::Host) {
+    match NvspMessage::parse(&reply, Sender::Host) {
         Ok(NvspMessage::SendReceiveBufferComplete(m)) => {
             if m.fixed.status.get() != NvspStatus::SUCCESS.0 {
                 return Err(NetvscError::Refused(m.fixed.status.get()));
@@ -235,50 +340,40 @@ async fn setup_buffers(device: &Device, nic: &NetvscNic) -> Result<(), NetvscErr
             let end = section.end_offset.get() as u64;
             if size == 0
                 || count == 0
-                || end > recv.len() as u64
+                || end > len as u64
                 || start.saturating_add(size * count) > end
             {
                 return Err(NetvscError::BadReply(
                     "receive buffer section outside the buffer",
                 ));
             }
-            end as usize
+            Ok(end as usize)
         }
-        _ => return Err(NetvscError::BadReply("SEND_RECV_BUF_COMPLETE")),
-    };
-    *nic.recv.borrow_mut() = Some(RecvBuffer { buf: recv, limit });
+        _ => Err(NetvscError::BadReply("SEND_RECV_BUF_COMPLETE")),
+    }
+}
 
-    let send: Rc<dyn SharedBuffer> = Rc::from(
-        bus.allocator()
-            .alloc(pages_for(nic.config.send_buffer_bytes))?,
-    );
-    let gpadl = device.create_gpadl(send.clone()).await?;
+/// SEND_SEND_BUF for `gpadl` (a buffer of `len` bytes); returns the section size.
+async fn send_buffer_layout(nic: &NetvscNic, gpadl: u32, len: usize) -> Result<usize, NetvscError> {
     let msg = NvspMessage::SendSendBuffer(SendSendBuffer {
         gpadl_handle: gpadl.into(),
         id: NETVSC_SEND_BUFFER_ID.into(),
     });
     let reply = nic.nvsp_request(&msg, true).await?;
-    let section_size = match NvspMessage::parse(&reply, Sender::Host) {
+    match NvspMessage::parse(&reply, Sender::Host) {
         Ok(NvspMessage::SendSendBufferComplete(m)) => {
             if m.status.get() != NvspStatus::SUCCESS.0 {
                 return Err(NetvscError::Refused(m.status.get()));
             }
             let size = m.section_size.get() as usize;
             // A section must hold at least a full frame with its RNDIS header.
-            if !(2048..=send.len()).contains(&size) {
+            if !(2048..=len).contains(&size) {
                 return Err(NetvscError::BadReply("send section size"));
             }
-            size
+            Ok(size)
         }
-        _ => return Err(NetvscError::BadReply("SEND_SEND_BUF_COMPLETE")),
-    };
-    let count = send.len() / section_size;
-    *nic.send.borrow_mut() = Some(SendBuffer {
-        buf: send,
-        section_size,
-        sections: Sections::new(count),
-    });
-    Ok(())
+        _ => Err(NetvscError::BadReply("SEND_SEND_BUF_COMPLETE")),
+    }
 }
 
 /// Sends an RNDIS QUERY and returns the information buffer of the answer.
@@ -292,7 +387,7 @@ async fn query(nic: &NetvscNic, oid: Oid, input: &[u8]) -> Result<Vec<u8>, Netvs
         },
         info: input,
     };
-    let reply = nic.rndis_request(&msg, req_id).await?;
+    let reply = nic.rndis_request(&msg, req_id, true).await?;
     match RndisMessage::parse(&reply) {
         Ok(RndisMessage::QueryComplete { body, info }) => {
             if body.status.get() != RndisStatus::SUCCESS.0 {
@@ -315,7 +410,7 @@ async fn set(nic: &NetvscNic, oid: Oid, info: &[u8]) -> Result<(), NetvscError> 
         },
         info,
     };
-    let reply = nic.rndis_request(&msg, req_id).await?;
+    let reply = nic.rndis_request(&msg, req_id, true).await?;
     match RndisMessage::parse(&reply) {
         Ok(RndisMessage::SetComplete(c)) if c.status.get() == RndisStatus::SUCCESS.0 => Ok(()),
         Ok(RndisMessage::SetComplete(c)) => Err(NetvscError::Refused(c.status.get())),
@@ -327,7 +422,7 @@ fn u32_of(info: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes(info.get(..4)?.try_into().ok()?))
 }
 
-/// RNDIS INITIALIZE, then MAC, MTU and link state.
+/// RNDIS INITIALIZE, then MAC, maximum frame size and link state.
 async fn rndis_init(nic: &NetvscNic) -> Result<(), NetvscError> {
     let req_id = nic.next_id();
     let msg = RndisMessage::InitializeRequest(InitializeRequest {
@@ -336,7 +431,7 @@ async fn rndis_init(nic: &NetvscNic) -> Result<(), NetvscError> {
         minor_ver: RNDIS_MINOR_VERSION.into(),
         max_xfer_size: RNDIS_LINUX_MAX_XFER_SIZE.into(),
     });
-    let reply = nic.rndis_request(&msg, req_id).await?;
+    let reply = nic.rndis_request(&msg, req_id, true).await?;
     match RndisMessage::parse(&reply) {
         Ok(RndisMessage::InitializeComplete(InitializeComplete { status, .. })) => {
             if status.get() != RndisStatus::SUCCESS.0 {
@@ -351,13 +446,23 @@ async fn rndis_init(nic: &NetvscNic) -> Result<(), NetvscError> {
         .and_then(|m| m.try_into().ok())
         .ok_or(NetvscError::BadReply("MAC address"))?;
     nic.mac.set(mac);
-    // The host's maximum frame size is the IP MTU; keep it within Ethernet limits a
-    // send section can carry.
-    if let Ok(info) = query(nic, Oid::GEN_MAXIMUM_FRAME_SIZE, &[]).await {
-        match u32_of(&info) {
-            Some(mtu @ 576..=9000) => nic.mtu.set(mtu as usize),
-            other => warn!("netvsc {}: ignoring host MTU {other:?}", nic.id),
-        }
+    // The host's maximum frame size is the largest IP MTU it carries; as Linux does, it
+    // only ever lowers the MTU in use.
+    let host_max = match query(nic, Oid::GEN_MAXIMUM_FRAME_SIZE, &[]).await {
+        Ok(info) => match u32_of(&info).map(|v| v as usize) {
+            Some(mtu) if (MIN_MTU..=NETVSC_MAX_MTU).contains(&mtu) => mtu,
+            other => {
+                warn!("netvsc {}: ignoring host MTU {other:?}", nic.id);
+                ETH_DATA_LEN
+            }
+        },
+        Err(NetvscError::Refused(_)) => ETH_DATA_LEN,
+        Err(e) => return Err(e),
+    };
+    let max = max_mtu(nic, host_max);
+    nic.max_mtu.set(max);
+    if nic.mtu.get() > max {
+        nic.mtu.set(max);
     }
     let link = query(nic, Oid::GEN_MEDIA_CONNECT_STATUS, &[]).await?;
     nic.link
@@ -365,12 +470,32 @@ async fn rndis_init(nic: &NetvscNic) -> Result<(), NetvscError> {
     Ok(())
 }
 
+/// The largest MTU the NIC can use with a host whose maximum is `host_max`: a frame of
+/// that MTU with its RNDIS header and a VLAN PPI (a tag travels in the PPI, not in the
+/// frame) must fit one send section (large frames are not sent from page buffers), and
+/// an NVSP 1 host takes no NDIS config.
+fn max_mtu(nic: &NetvscNic, host_max: usize) -> usize {
+    let section = nic
+        .send
+        .borrow()
+        .as_ref()
+        .map_or(0, |s| s.section_size)
+        .saturating_sub(RNDIS_HEADER_SIZE + size_of::<RndisPacket>() + VLAN_PPI + ETH_HEADER);
+    let mut max = host_max.min(section);
+    if nic.nvsp_version() < NvspVersion::PROTOCOL_VERSION_2 {
+        max = max.min(ETH_DATA_LEN);
+    }
+    max.max(MIN_MTU)
+}
+
 /// Multi-queue setup (NVSP >= 5): RSS capabilities, SUBCHANNEL, the wait for the
-/// sub-channel worker, RSS parameters.
+/// sub-channel worker, RSS parameters. Sub-channels in `known` (opened before an MTU
+/// change) that the host grants again are reopened here instead of waiting for offers.
 async fn setup_queues(
     device: &Device,
-    nic: &Rc<NetvscNic>,
+    nic: &NetvscNic,
     sizes: RingSizes,
+    known: Vec<Device>,
 ) -> Result<(), NetvscError> {
     let wanted = usize::from(nic.config.queues).clamp(1, VRSS_CHANNEL_MAX);
     if nic.nvsp_version() < NvspVersion::PROTOCOL_VERSION_5 || wanted < 2 {
@@ -393,7 +518,7 @@ async fn setup_queues(
     // The handler runs on the sub-channel worker: it opens the channel and attaches it,
     // never touching the configuration lock the probe holds.
     let opened = Rc::new(Semaphore::named("netvsc sub-channels opened", 0));
-    let weak: Weak<NetvscNic> = Rc::downgrade(nic);
+    let weak = nic.me.clone();
     let done = opened.clone();
     device.set_subchannel_handler(Rc::new(move |sub: Device| {
         let weak = weak.clone();
@@ -429,10 +554,21 @@ async fn setup_queues(
         );
     }
     let granted = granted.min(asked);
-    if granted > 0 {
+    // Sub-channels still offered from before: the host will not offer them again.
+    let mut reopened = 0;
+    for sub in known {
+        let index = usize::from(sub.channel().sub_channel_index());
+        if index == 0 || index > granted || sub.channel().is_rescinded() {
+            continue;
+        }
+        reopened += 1;
+        open_subchannel(nic.me.clone(), sub, sizes, asked).await;
+    }
+    let offered = granted.saturating_sub(reopened);
+    if offered > 0 {
         let wait = nic
             .handle
-            .timeout(nic.subchannel_timeout(), opened.acquire(granted));
+            .timeout(nic.subchannel_timeout(), opened.acquire(offered));
         let waited = device
             .channel()
             .or_rescind(async { Ok(wait.await.is_ok()) })
@@ -441,10 +577,13 @@ async fn setup_queues(
             warn!(
                 "netvsc {}: only {} of {granted} sub-channels opened within {:?}; carrying on with them",
                 nic.id,
-                nic.queue_count() - 1,
+                nic.queue_count().saturating_sub(1),
                 nic.subchannel_timeout()
             );
         }
+    }
+    if nic.removed() {
+        return Err(ChannelError::Rescinded.into());
     }
     let open = nic.open_queues();
     if open.len() < 2 {
@@ -471,7 +610,8 @@ async fn setup_queues(
     Ok(())
 }
 
-/// Sub-channel worker: opens sub-channel `sub` and attaches it as a queue.
+/// Sub-channel worker (or an MTU change): opens sub-channel `sub` and attaches it as a
+/// queue.
 async fn open_subchannel(nic: Weak<NetvscNic>, sub: Device, sizes: RingSizes, asked: usize) {
     let index = sub.channel().sub_channel_index();
     if usize::from(index) > asked {
@@ -497,10 +637,160 @@ async fn open_subchannel(nic: Weak<NetvscNic>, sub: Device, sizes: RingSizes, as
     }
 }
 
-async fn set_packet_filter(nic: &NetvscNic) -> Result<(), NetvscError> {
-    let filter =
-        NDIS_PACKET_TYPE_DIRECTED | NDIS_PACKET_TYPE_BROADCAST | NDIS_PACKET_TYPE_ALL_MULTICAST;
+fn default_filter() -> u32 {
+    NDIS_PACKET_TYPE_DIRECTED | NDIS_PACKET_TYPE_BROADCAST | NDIS_PACKET_TYPE_ALL_MULTICAST
+}
+
+async fn set_packet_filter(nic: &NetvscNic, filter: u32) -> Result<(), NetvscError> {
     set(nic, Oid::GEN_CURRENT_PACKET_FILTER, &filter.to_le_bytes()).await
+}
+
+// ---------------------------------------------------------------------------------------
+// MTU changes.
+
+/// [`Nic::set_mtu`] for netvsc (see the module docs). Runs under the caller's
+/// configuration lock; takes no lock itself.
+pub(crate) async fn change_mtu(nic: &NetvscNic, mtu: usize) -> Result<(), MtuError> {
+    if nic.removed() {
+        return Err(MtuError::Removed);
+    }
+    let max = nic.max_mtu.get();
+    if !(MIN_MTU..=max).contains(&mtu) {
+        return Err(MtuError::OutOfRange {
+            mtu,
+            min: MIN_MTU,
+            max,
+        });
+    }
+    if nic.changing.replace(true) {
+        return Err(MtuError::Busy);
+    }
+    let result = if mtu == nic.mtu.get() {
+        Ok(())
+    } else {
+        reconfigure(nic, mtu).await
+    };
+    nic.changing.set(false);
+    nic.bump();
+    result
+}
+
+/// Detach, then attach with `mtu`; on failure attach again with the old MTU.
+async fn reconfigure(nic: &NetvscNic, mtu: usize) -> Result<(), MtuError> {
+    let Some(device) = nic.device.borrow().clone() else {
+        return Err(MtuError::Removed);
+    };
+    let old = nic.mtu.get();
+    info!("netvsc {}: changing MTU {old} -> {mtu}", nic.id);
+    nic.paused.set(true);
+    nic.bump();
+    let result = async {
+        let known = detach(&device, nic).await?;
+        nic.mtu.set(mtu);
+        let e = match attach(&device, nic, known).await {
+            Ok(()) => {
+                nic.count(|c| c.mtu_changes += 1);
+                info!("netvsc {}: MTU {}", nic.id, nic.mtu.get());
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        gone(nic, &device)?;
+        warn!(
+            "netvsc {}: MTU {mtu} not taken ({e}); back to {old}",
+            nic.id
+        );
+        let known = detach(&device, nic).await?;
+        nic.mtu.set(old);
+        match attach(&device, nic, known).await {
+            Ok(()) => Err(MtuError::Failed {
+                restored: Some(nic.mtu.get()),
+            }),
+            Err(e) => {
+                gone(nic, &device)?;
+                warn!("netvsc {}: cannot bring the NIC back: {e}", nic.id);
+                let _ = detach(&device, nic).await;
+                nic.link.set(false);
+                Err(MtuError::Failed { restored: None })
+            }
+        }
+    }
+    .await;
+    nic.paused.set(false);
+    nic.bump();
+    result
+}
+
+/// `Removed` once the NIC or its primary channel is gone.
+fn gone(nic: &NetvscNic, device: &Device) -> Result<(), MtuError> {
+    if nic.removed() || device.channel().is_rescinded() {
+        Err(MtuError::Removed)
+    } else {
+        Ok(())
+    }
+}
+
+/// Takes the device down as Linux's `netvsc_detach` does (see the module docs). Steps
+/// that fail are logged and skipped: whatever happens, the channels are closed and the
+/// buffers given back. Returns the sub-channels that were open, to reopen them.
+async fn detach(device: &Device, nic: &NetvscNic) -> Result<Vec<Device>, MtuError> {
+    if nic.primary().is_some() {
+        // The host stops indicating frames (`rndis_filter_close`).
+        if let Err(e) = set_packet_filter(nic, 0).await {
+            debug!("netvsc {}: clearing the packet filter: {e}", nic.id);
+        }
+        let deadline = nic.handle.now().saturating_add(nic.config.reply_timeout);
+        if !nic.drain(deadline).await {
+            warn!(
+                "netvsc {}: queues not quiet before detaching ({} of {} send sections back)",
+                nic.id,
+                nic.free_send_sections(),
+                nic.send_sections()
+            );
+        }
+        gone(nic, device)?;
+        let req_id = nic.next_id();
+        let halt = RndisMessage::HaltRequest(HaltRequest {
+            req_id: req_id.into(),
+        });
+        if let Err(e) = nic.rndis_request(&halt, req_id, false).await {
+            debug!("netvsc {}: HALT: {e}", nic.id);
+        }
+        for revoke in [
+            NvspMessage::RevokeReceiveBuffer(RevokeBuffer {
+                id: NETVSC_RECEIVE_BUFFER_ID.into(),
+            }),
+            NvspMessage::RevokeSendBuffer(RevokeBuffer {
+                id: NETVSC_SEND_BUFFER_ID.into(),
+            }),
+        ] {
+            if nic.recv.borrow().is_none() && nic.send.borrow().is_none() {
+                break;
+            }
+            if let Err(e) = nic.nvsp_request(&revoke, false).await {
+                debug!("netvsc {}: revoking a buffer: {e}", nic.id);
+            }
+        }
+    }
+    let mut known = Vec::new();
+    for channel in nic.take_queues() {
+        let sub = channel.device().clone();
+        if let Err(e) = channel.close().await {
+            debug!("netvsc {}: closing a channel: {e}", nic.id);
+        }
+        if sub.channel().sub_channel_index() != 0 {
+            known.push(sub);
+        }
+    }
+    let (recv, send) = nic.take_buffers();
+    for gpadl in [recv.map(|r| r.gpadl), send.map(|s| s.gpadl)]
+        .into_iter()
+        .flatten()
+    {
+        drop_gpadl(device, gpadl).await;
+    }
+    gone(nic, device)?;
+    Ok(known)
 }
 
 struct MacDisplay([u8; 6]);

@@ -10,20 +10,19 @@ const ETH_HEADER: usize = 14;
 /// A hash of the frame's IPv4 flow (addresses, and ports for TCP/UDP), or `None` for
 /// frames that are not IPv4 (ARP and the like go to queue 0).
 pub fn flow_hash(frame: &[u8]) -> Option<u32> {
-    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
-    if ethertype != ETHERTYPE_IPV4 {
+    // Ethernet and the fixed IPv4 header in one bounds check.
+    let head: &[u8; ETH_HEADER + 20] = frame.get(..ETH_HEADER + 20)?.try_into().ok()?;
+    if u16::from_be_bytes([head[12], head[13]]) != ETHERTYPE_IPV4 {
         return None;
     }
-    let ip = frame.get(ETH_HEADER..)?;
-    let ihl = usize::from(ip.first()? & 0x0f) * 4;
-    let addrs = ip.get(12..20)?;
-    let src = u32::from_be_bytes([addrs[0], addrs[1], addrs[2], addrs[3]]);
-    let dst = u32::from_be_bytes([addrs[4], addrs[5], addrs[6], addrs[7]]);
-    let protocol = *ip.get(9)?;
-    let fragment = u16::from_be_bytes([*ip.get(6)?, *ip.get(7)?]) & 0x3fff;
-    let ports = match (protocol, fragment) {
-        (6 | 17, 0) => ip
-            .get(ihl..ihl + 4)
+    let ip = &head[ETH_HEADER..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let src = u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]);
+    let dst = u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]);
+    let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff;
+    let ports = match (ip[9], fragment) {
+        (6 | 17, 0) => frame
+            .get(ETH_HEADER + ihl..ETH_HEADER + ihl + 4)
             .map_or(0, |p| u32::from_be_bytes([p[0], p[1], p[2], p[3]])),
         _ => 0,
     };

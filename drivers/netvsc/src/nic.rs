@@ -15,6 +15,12 @@ use hvnet_runtime::ConfigLock;
 /// A boxed future borrowed from a NIC.
 pub type NicFuture<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
 
+/// The future of [`Nic::set_mtu`].
+pub type MtuFuture<'a> = Pin<Box<dyn Future<Output = Result<(), MtuError>> + 'a>>;
+
+/// The smallest IP MTU a NIC accepts (IPv4's minimum, as Linux's `ETH_MIN_MTU`).
+pub const MIN_MTU: usize = 68;
+
 /// Why a frame could not be sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NicError {
@@ -26,6 +32,51 @@ pub enum NicError {
     LinkDown,
     /// The NIC was removed (hot-unplugged); it will never send again.
     Removed,
+}
+
+/// Why an MTU change was refused or did not take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MtuError {
+    /// The MTU is outside what the NIC and its host allow; nothing changed.
+    OutOfRange {
+        /// The MTU asked for.
+        mtu: usize,
+        /// The smallest allowed ([`MIN_MTU`]).
+        min: usize,
+        /// The largest allowed ([`Nic::max_mtu`]).
+        max: usize,
+    },
+    /// This NIC cannot change its MTU at run time; nothing changed.
+    Unsupported,
+    /// Another MTU change is in progress; nothing changed.
+    Busy,
+    /// The NIC was removed before or during the change.
+    Removed,
+    /// The host did not take the new MTU. `restored` is the MTU the NIC runs with again,
+    /// or `None` if it could not be brought back and stays down.
+    Failed {
+        /// The MTU in effect now, if the NIC is up.
+        restored: Option<usize>,
+    },
+}
+
+impl core::fmt::Display for MtuError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::OutOfRange { mtu, min, max } => {
+                write!(f, "MTU {mtu} is outside the allowed range {min}..={max}")
+            }
+            Self::Unsupported => f.write_str("the NIC cannot change its MTU"),
+            Self::Busy => f.write_str("another MTU change is in progress"),
+            Self::Removed => f.write_str("the NIC was removed"),
+            Self::Failed {
+                restored: Some(mtu),
+            } => write!(f, "the host did not take the new MTU; back to MTU {mtu}"),
+            Self::Failed { restored: None } => {
+                f.write_str("the host did not take the new MTU and the NIC could not be restored")
+            }
+        }
+    }
 }
 
 /// Counters of one queue (one VMBus channel for netvsc).
@@ -76,6 +127,25 @@ pub trait Nic: core::any::Any {
     fn changed(&self) -> NicFuture<'_>;
     /// Counters of queue `queue` (`0..queue_count()`); zeros for an unknown queue.
     fn queue_stats(&self, queue: usize) -> QueueStats;
+    /// The largest IP MTU [`Nic::set_mtu`] accepts.
+    fn max_mtu(&self) -> usize {
+        self.mtu()
+    }
+    /// Changes the IP MTU to `mtu` ([`MIN_MTU`]`..=`[`Nic::max_mtu`]). The MTU is
+    /// configuration: call this with the configuration lock held. While the change runs
+    /// the NIC's queues are stopped ([`Nic::transmit`] says `Busy`, nothing is received);
+    /// afterwards [`Nic::mtu`] is the new value and [`Nic::changed`] resolves. NICs that
+    /// cannot change it accept only their current MTU.
+    fn set_mtu(&self, mtu: usize) -> MtuFuture<'_> {
+        let current = self.mtu();
+        alloc::boxed::Box::pin(async move {
+            if mtu == current {
+                Ok(())
+            } else {
+                Err(MtuError::Unsupported)
+            }
+        })
+    }
 }
 
 /// Where drivers register the NICs they bring up: the network side's interface manager.

@@ -28,12 +28,28 @@ impl Sections {
         self.free
     }
 
+    /// Sections in all.
+    pub fn count(&self) -> usize {
+        self.owner.len()
+    }
+
     /// Takes a free section for `queue` (which must not be `u16::MAX`).
     pub fn take(&mut self, queue: u16) -> Option<u32> {
         if self.free == 0 || queue == FREE {
             return None;
         }
         let n = self.owner.len();
+        // Sections come back roughly in order: the one after the last taken is usually
+        // free.
+        if let Some(owner) = self.owner.get_mut(self.hint) {
+            if *owner == FREE {
+                *owner = queue;
+                self.free -= 1;
+                let i = self.hint;
+                self.hint = if i + 1 == n { 0 } else { i + 1 };
+                return u32::try_from(i).ok();
+            }
+        }
         for step in 0..n {
             let i = (self.hint + step) % n;
             if self.owner[i] == FREE {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use hvemu::netvsp::{NetvspConfig, NetvspFaults, NetvspHandle};
-use hvnet_netvsc::nic::{Nic, NicError};
+use hvnet_netvsc::nic::{MtuError, Nic, NicError};
 use hvnet_netvsc::NetvscConfig;
 use hvnet_runtime::sim::{Config, Simulation};
 use hvnet_runtime::testing::check_seeds;
@@ -611,4 +611,566 @@ fn silent_host_times_out_the_probe() {
         })
     });
     result.map_err(|e| e.to_string()).and_then(|r| r).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// MTU changes.
+
+/// A port that carries jumbo frames.
+fn jumbo_port() -> NetvspConfig {
+    NetvspConfig {
+        mtu: 9000,
+        ..NetvspConfig::default()
+    }
+}
+
+/// Changes the MTU the way the network side does: with the configuration lock held.
+async fn set_mtu(w: &NetWorld, nic: &Rc<dyn Nic>, mtu: usize) -> Result<(), MtuError> {
+    let _config = w.registry.lock.lock().await;
+    nic.set_mtu(mtu).await
+}
+
+/// Echoes received frames back until `stop`; counts the frames echoed.
+fn spawn_echo_until(
+    h: &Handle,
+    nic: Rc<dyn Nic>,
+    echoed: Rc<RefCell<u64>>,
+    stop: Rc<RefCell<bool>>,
+) {
+    let h2 = h.clone();
+    h.spawn("echo", async move {
+        while !*stop.borrow() && !nic.is_removed() {
+            let mut frames = Vec::new();
+            nic.receive(64, &mut |f| frames.push(f.to_vec()));
+            for f in frames {
+                if nic
+                    .transmit(f.len(), &mut |d| d.copy_from_slice(&f))
+                    .is_ok()
+                {
+                    *echoed.borrow_mut() += 1;
+                }
+            }
+            let _ = h2.timeout(Duration::from_millis(1), nic.changed()).await;
+        }
+    });
+}
+
+/// Frames of exactly `len` bytes pass both ways; one byte more is refused by the
+/// driver and dropped by the host.
+async fn check_frame_limit(h: &Handle, nic: &Rc<dyn Nic>, nv: &NetvspHandle, mtu: usize) -> Res {
+    let biggest = udp_frame(nic.mac(), 4242, mtu - 28, 0x5a);
+    let verdict = host_scope(|| nv.send_to_guest(&biggest));
+    ensure(
+        matches!(verdict, hvemu::netvsp::RxVerdict::Queued(_)),
+        || {
+            format!(
+                "MTU {mtu}: host refused a {}-byte frame: {verdict:?}",
+                biggest.len()
+            )
+        },
+    )?;
+    let got = receive_n(h, nic, 1, Duration::from_millis(200)).await;
+    ensure(got == [biggest.clone()], || {
+        format!("MTU {mtu}: {} frames received", got.len())
+    })?;
+    let over = udp_frame(nic.mac(), 4242, mtu - 27, 0x5a);
+    let verdict = host_scope(|| nv.send_to_guest(&over));
+    ensure(verdict == hvemu::netvsp::RxVerdict::TooLong, || {
+        format!(
+            "MTU {mtu}: host took a {}-byte frame: {verdict:?}",
+            over.len()
+        )
+    })?;
+    ensure(
+        nic.transmit(over.len(), &mut |d| d.copy_from_slice(&over)) == Err(NicError::TooLong),
+        || format!("MTU {mtu}: driver sent a {}-byte frame", over.len()),
+    )?;
+    transmit_all(h, nic, std::slice::from_ref(&biggest))
+        .await
+        .map_err(|e| format!("MTU {mtu}: transmit: {e:?}"))?;
+    let total = as_netvsc(nic).send_sections();
+    wait_sends_completed(h, nic, total).await?;
+    let out = host_scope(|| nv.take_from_guest());
+    ensure(out.as_ref() == Some(&biggest), || {
+        format!("MTU {mtu}: host got {:?} bytes", out.map(|f| f.len()))
+    })
+}
+
+/// The MTU goes up and down while frames flow both ways, over many schedules: each
+/// change renegotiates with the host (which then enforces the new size), keeps every
+/// queue, resumes the traffic, and shows in `mtu()` and `changed()`.
+#[test]
+fn mtu_changes_up_and_down_under_traffic() {
+    check_seeds(12, |seed| {
+        in_world(seed, |w, h| async move {
+            w.bus
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e:?}"))?;
+            let (_, nv) = add_nic(&w, 6, jumbo_port());
+            let nic = first_nic(&w).await;
+            let max = nic.max_mtu();
+            // A 6144-byte send section carries the RNDIS header, a VLAN PPI and a frame of
+            // at most 6070 bytes of IP.
+            ensure(nic.mtu() == 1500 && max == 6070, || {
+                format!("mtu {} max {max}", nic.mtu())
+            })?;
+            let echoed = Rc::new(RefCell::new(0));
+            let stop = Rc::new(RefCell::new(false));
+            spawn_echo_until(&h, nic.clone(), echoed.clone(), stop.clone());
+            spawn_source(&h, nv.clone(), nic.mac(), stop.clone());
+            for mtu in [4000, 1000, max, 576, 1500] {
+                h.sleep(Duration::from_micros(300 + h.random_below(3000)))
+                    .await;
+                let before = *echoed.borrow();
+                let generation = as_netvsc(&nic).counters().mtu_changes;
+                set_mtu(&w, &nic, mtu)
+                    .await
+                    .map_err(|e| format!("set_mtu({mtu}): {e}"))?;
+                ensure(nic.mtu() == mtu, || {
+                    format!("mtu {} after {mtu}", nic.mtu())
+                })?;
+                ensure(
+                    as_netvsc(&nic).counters().mtu_changes == generation + 1,
+                    || "change not counted".into(),
+                )?;
+                ensure(
+                    h.timeout(Duration::from_micros(1), nic.changed())
+                        .await
+                        .is_ok(),
+                    || "changed() did not report the new MTU".into(),
+                )?;
+                let st = host_scope(|| nv.state());
+                ensure(
+                    st.mtu as usize == mtu && st.ndis_config_mtu == Some(mtu as u32 + 14),
+                    || format!("host after {mtu}: {st:?}"),
+                )?;
+                ensure(nic.queue_count() == 8 && st.queues_open.len() == 8, || {
+                    format!("{} queues after {mtu}", nic.queue_count())
+                })?;
+                // Traffic resumes.
+                for _ in 0..200 {
+                    if *echoed.borrow() > before {
+                        break;
+                    }
+                    h.sleep(Duration::from_micros(200)).await;
+                }
+                ensure(*echoed.borrow() > before, || {
+                    format!("no traffic after MTU {mtu}")
+                })?;
+            }
+            *stop.borrow_mut() = true;
+            h.sleep(Duration::from_millis(5)).await;
+            // Drain what the traffic left, then check the limits at the final MTU.
+            let _ = receive_n(&h, &nic, usize::MAX, Duration::from_millis(5)).await;
+            while host_scope(|| nv.take_from_guest()).is_some() {}
+            check_frame_limit(&h, &nic, &nv, 1500).await?;
+            let netvsc = as_netvsc(&nic);
+            ensure(netvsc.counters().malformed == 0, || {
+                format!("{:?}", netvsc.counters())
+            })?;
+            let stats = host_scope(|| nv.stats());
+            ensure(stats.malformed == 0, || format!("host: {:?}", stats.errors))?;
+            exchange(&h, &nic, &nv, 64).await
+        })
+    });
+}
+
+/// Frames at the MTU pass and one byte more is refused, after changes up and down.
+#[test]
+fn mtu_limits_hold_after_each_change() {
+    in_world(17, |w, h| async move {
+        w.bus
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e:?}"))?;
+        let (_, nv) = add_nic(&w, 7, jumbo_port());
+        let nic = first_nic(&w).await;
+        check_frame_limit(&h, &nic, &nv, 1500).await?;
+        for mtu in [5000, 68 + 100, nic.max_mtu(), 1280] {
+            set_mtu(&w, &nic, mtu)
+                .await
+                .map_err(|e| format!("set_mtu({mtu}): {e}"))?;
+            check_frame_limit(&h, &nic, &nv, mtu).await?;
+        }
+        // The same MTU again changes nothing on the host.
+        let opens = host_scope(|| nv.stats().primary_opens);
+        set_mtu(&w, &nic, 1280)
+            .await
+            .map_err(|e| format!("same MTU: {e}"))?;
+        ensure(host_scope(|| nv.stats().primary_opens) == opens, || {
+            "renegotiated for the same MTU".into()
+        })?;
+        exchange(&h, &nic, &nv, 32).await
+    })
+    .unwrap();
+}
+
+/// MTUs outside 68..=max are refused with an error that says the range; nothing is
+/// renegotiated.
+#[test]
+fn mtu_out_of_range_is_refused() {
+    in_world(3, |w, h| async move {
+        w.bus
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e:?}"))?;
+        let (_, nv) = add_nic(&w, 8, NetvspConfig::default());
+        let nic = first_nic(&w).await;
+        ensure(nic.max_mtu() == 1500, || format!("max {}", nic.max_mtu()))?;
+        let opens = host_scope(|| nv.stats().primary_opens);
+        for (mtu, max) in [(67, 1500), (0, 1500), (1501, 1500), (9000, 1500)] {
+            let e = set_mtu(&w, &nic, mtu).await;
+            ensure(e == Err(MtuError::OutOfRange { mtu, min: 68, max }), || {
+                format!("set_mtu({mtu}): {e:?}")
+            })?;
+            let text = e.unwrap_err().to_string();
+            ensure(
+                text.contains(&format!("{mtu}")) && text.contains("68..=1500"),
+                || format!("unclear error: {text}"),
+            )?;
+        }
+        ensure(nic.mtu() == 1500, || format!("mtu {}", nic.mtu()))?;
+        ensure(host_scope(|| nv.stats().primary_opens) == opens, || {
+            "a refused MTU renegotiated".into()
+        })?;
+        exchange(&h, &nic, &nv, 16).await
+    })
+    .unwrap();
+}
+
+/// The host rescinds the NIC while an MTU change runs (at a different moment per seed):
+/// the change ends with `Removed` (or had finished), the interface goes away, and
+/// GPADLs, channels, guest pages, heap and tasks all return to the baseline.
+#[test]
+fn rescind_during_mtu_change_leaks_nothing() {
+    check_seeds(12, |seed| {
+        let sim = sim(seed);
+        let h = sim.handle();
+        let w = world(&h, seed);
+        let w2 = w.clone();
+        let h2 = h.clone();
+        let result = sim.run(async move {
+            let (w, h) = (w2, h2);
+            w.bus
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e:?}"))?;
+            // A removal that waits for the configuration lock (held by the change) grows
+            // the lock's waiter list once; make it grow before the baseline is taken.
+            {
+                let held = w.registry.lock.lock().await;
+                for _ in 0..2 {
+                    let w = w.clone();
+                    h.spawn("lock waiter", async move {
+                        drop(w.registry.lock.lock().await);
+                    });
+                }
+                h.sleep(Duration::from_micros(100)).await;
+                drop(held);
+                h.sleep(Duration::from_micros(100)).await;
+            }
+            let mut baseline = None;
+            for cycle in 0..10u32 {
+                let (dev, nv) = add_nic(&w, 9, jumbo_port());
+                let nic = first_nic(&w).await;
+                let outcome: Rc<RefCell<Option<Result<(), MtuError>>>> =
+                    Rc::new(RefCell::new(None));
+                {
+                    let (w, nic, outcome) = (w.clone(), nic.clone(), outcome.clone());
+                    let mtu = if cycle % 2 == 0 { 4000 } else { 1000 };
+                    h.spawn("mtu change", async move {
+                        let r = set_mtu(&w, &nic, mtu).await;
+                        *outcome.borrow_mut() = Some(r);
+                    });
+                }
+                h.sleep(Duration::from_micros(h.random_below(1500))).await;
+                remove_nic(&w, dev);
+                w.registry.unregistered.acquire(1).await;
+                w.bus.settle().await;
+                h.sleep(Duration::from_millis(20)).await;
+                let r = outcome.borrow_mut().take();
+                ensure(
+                    matches!(r, Some(Ok(())) | Some(Err(MtuError::Removed))),
+                    || format!("cycle {cycle}: change ended with {r:?}"),
+                )?;
+                ensure(nic.is_removed(), || "removed NIC still live".into())?;
+                drop(nic);
+                host_scope(|| drop(nv));
+                ensure(w.bus.live_gpadls() == 0, || {
+                    format!("cycle {cycle}: {} GPADLs live", w.bus.live_gpadls())
+                })?;
+                ensure(w.bus.live_relids().is_empty(), || {
+                    format!("relids {:?}", w.bus.live_relids())
+                })?;
+                let now = (heap_live(), w.memory.live_pages(), h.task_count());
+                // The first cycle warms caches (executor queues, bus tables).
+                match baseline {
+                    None if cycle >= 1 => baseline = Some(now),
+                    Some(b) if b != now => {
+                        return Err(format!(
+                            "cycle {cycle}: (heap, pages, tasks) {now:?} vs baseline {b:?}"
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            Ok::<_, String>(())
+        });
+        result.map_err(|e| e.to_string())??;
+        assert_clean_but_close_races(&w);
+        Ok::<_, String>(())
+    });
+}
+
+/// `assert_clean`, except for two VMBus races of a channel operation with the host's
+/// rescind (hvnet-vmbus `bus.rs`; reported for a fix there). Both need a driver that
+/// closes or opens a channel while the host rescinds it, which only an MTU change does,
+/// and in both the host answers nothing and nothing leaks:
+/// - `OpenedChannel::close` posts GPADL_TEARDOWN for the ring; the rescind completes its
+///   wait, and the rescind task's `release_resources` can post a second teardown before
+///   `close` has dropped the handle (`GpadlUnknown`);
+/// - `Device::open` can post OPENCHANNEL (and then tear its ring GPADL down) after the
+///   rescind task released the relid, when the primary's removal is already under way and
+///   nothing holds the sub-channel's release back (`UnknownRelid`).
+fn assert_clean_but_close_races(w: &NetWorld) {
+    use hvemu::ViolationKind;
+    let host = w.host.borrow();
+    let other: Vec<_> = host
+        .violations()
+        .iter()
+        .filter(|v| {
+            !matches!(
+                (v.kind, v.detail.as_str()),
+                (ViolationKind::GpadlUnknown, d) if d.starts_with("GPADL_TEARDOWN")
+            ) && !matches!(
+                (v.kind, v.detail.as_str()),
+                (ViolationKind::UnknownRelid, "OPENCHANNEL for unknown relid")
+                    | (
+                        ViolationKind::UnknownRelid,
+                        "GPADL_TEARDOWN for unknown relid"
+                    )
+            )
+        })
+        .cloned()
+        .collect();
+    assert!(
+        other.is_empty(),
+        "host recorded protocol violations: {other:#?}"
+    );
+    let mv = w.memory.violations();
+    assert!(mv.is_empty(), "guest-memory violations: {mv:#?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// 802.1Q VLAN tags.
+
+/// `frame` with an 802.1Q tag carrying `tci` after the MACs.
+fn tagged(frame: &[u8], tci: u16) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    f.extend_from_slice(&[0x81, 0x00]);
+    f.extend_from_slice(&tci.to_be_bytes());
+    f.extend_from_slice(&frame[12..]);
+    f
+}
+
+/// Tagged frames cross in both directions as the network side wrote them: the host
+/// carries the tag in a VLAN PPI (the frame untagged), the driver puts it back on
+/// receive and takes it out on transmit. A port VLAN tags the host's untagged frames.
+#[test]
+fn vlan_tags_cross_both_ways() {
+    check_seeds(8, |seed| {
+        in_world(seed, |w, h| async move {
+            w.bus
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e:?}"))?;
+            let (_, nv) = add_nic(&w, 10, NetvspConfig::default());
+            let nic = first_nic(&w).await;
+            let m = nic.mac();
+            // VLAN 100..164, priorities and DEI varied; many flows over all queues.
+            let frames: Vec<Vec<u8>> = (0..64u16)
+                .map(|i| {
+                    let tci = (i % 8) << 13 | (i % 2) << 12 | (100 + i);
+                    tagged(&udp_frame(m, 3000 + i, 100, i as u8), tci)
+                })
+                .collect();
+            for f in &frames {
+                let v = host_scope(|| nv.send_to_guest(f));
+                ensure(matches!(v, hvemu::netvsp::RxVerdict::Queued(_)), || {
+                    format!("host refused a tagged frame: {v:?}")
+                })?;
+            }
+            let mut got = receive_n(&h, &nic, frames.len(), Duration::from_secs(1)).await;
+            let mut want = frames.clone();
+            got.sort();
+            want.sort();
+            ensure(got == want, || {
+                format!(
+                    "{} of {} tagged frames came back intact",
+                    got.len(),
+                    want.len()
+                )
+            })?;
+            let total = as_netvsc(&nic).free_send_sections();
+            transmit_all(&h, &nic, &frames)
+                .await
+                .map_err(|e| format!("transmit: {e:?}"))?;
+            wait_sends_completed(&h, &nic, total).await?;
+            let mut out = Vec::new();
+            while let Some(f) = host_scope(|| nv.take_from_guest()) {
+                out.push(f);
+            }
+            out.sort();
+            ensure(out == want, || {
+                format!(
+                    "host got {} of {} tagged frames intact",
+                    out.len(),
+                    want.len()
+                )
+            })?;
+            let c = as_netvsc(&nic).counters();
+            let s = host_scope(|| nv.stats());
+            ensure(
+                c.vlan_rx == 64 && c.vlan_tx == 64 && s.vlan_rx == 64 && s.vlan_tx == 64,
+                || format!("guest {c:?}, host rx {} tx {}", s.vlan_rx, s.vlan_tx),
+            )?;
+            // Untagged traffic is untouched.
+            exchange(&h, &nic, &nv, 32).await
+        })
+    });
+}
+
+/// On a port with a VLAN the host's untagged frames arrive tagged with it.
+#[test]
+fn port_vlan_tags_received_frames() {
+    in_world(21, |w, h| async move {
+        w.bus
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e:?}"))?;
+        let config = NetvspConfig {
+            port_vlan: Some(42),
+            ..NetvspConfig::default()
+        };
+        let (_, nv) = add_nic(&w, 11, config);
+        let nic = first_nic(&w).await;
+        let frames = frames_for(nic.mac(), 16, 80);
+        for f in &frames {
+            host_scope(|| nv.send_to_guest(f));
+        }
+        let mut got = receive_n(&h, &nic, frames.len(), Duration::from_secs(1)).await;
+        let mut want: Vec<Vec<u8>> = frames.iter().map(|f| tagged(f, 42)).collect();
+        got.sort();
+        want.sort();
+        ensure(got == want, || {
+            format!(
+                "{} frames, tags {:?}",
+                got.len(),
+                got.first().map(|f| &f[12..16])
+            )
+        })?;
+        // Frames the stack tags with the port VLAN go out; the host hands them on tagged.
+        let total = as_netvsc(&nic).free_send_sections();
+        transmit_all(&h, &nic, &want)
+            .await
+            .map_err(|e| format!("transmit: {e:?}"))?;
+        wait_sends_completed(&h, &nic, total).await?;
+        let mut out = Vec::new();
+        while let Some(f) = host_scope(|| nv.take_from_guest()) {
+            out.push(f);
+        }
+        out.sort();
+        ensure(out == want, || format!("host got {} frames", out.len()))
+    })
+    .unwrap();
+}
+
+/// An RNDIS PACKET with `ppis` (raw entries) and `frame`, as a host indicates it.
+fn packet_with_ppis(ppis: &[u8], frame: &[u8]) -> Vec<u8> {
+    let total = 8 + 36 + ppis.len() + frame.len();
+    let mut m = Vec::new();
+    for word in [
+        1u32,
+        total as u32,
+        (36 + ppis.len()) as u32,
+        frame.len() as u32,
+        0,
+        0,
+        0,
+        36,
+        ppis.len() as u32,
+        0,
+        0,
+    ] {
+        m.extend_from_slice(&word.to_le_bytes());
+    }
+    m.extend_from_slice(ppis);
+    m.extend_from_slice(frame);
+    m
+}
+
+/// A PPI entry from its header words and data.
+fn ppi(size: u32, ppi_type: u32, offset: u32, data: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
+    for word in [size, ppi_type, offset] {
+        p.extend_from_slice(&word.to_le_bytes());
+    }
+    p.extend_from_slice(data);
+    p
+}
+
+/// Malformed VLAN PPIs from the host (data shorter than its value, data offset inside the
+/// header or past the entry, entry size past the region or below a header) are dropped
+/// and counted; a good one next to them still works, and so does the NIC.
+#[test]
+fn malformed_vlan_ppis_are_dropped_and_counted() {
+    in_world(23, |w, h| async move {
+        w.bus
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e:?}"))?;
+        let (_, nv) = add_nic(&w, 12, NetvspConfig::default());
+        let nic = first_nic(&w).await;
+        let frame = udp_frame(nic.mac(), 5000, 60, 0x33);
+        let vlan = 0x0645u32.to_le_bytes();
+        let bad: Vec<(&str, Vec<u8>)> = vec![
+            ("2-byte VLAN value", ppi(14, 6, 12, &[0x45, 0x06])),
+            ("data offset inside the header", ppi(16, 6, 8, &vlan)),
+            ("data offset past the entry", ppi(16, 6, 20, &vlan)),
+            ("entry past the region", ppi(32, 6, 12, &vlan)),
+            ("entry smaller than a header", ppi(8, 6, 12, &vlan)),
+        ];
+        let dropped_before: u64 = (0..nic.queue_count())
+            .map(|q| nic.queue_stats(q).rx_dropped)
+            .sum();
+        for (name, entry) in &bad {
+            let before = as_netvsc(&nic).counters().malformed;
+            host_scope(|| nv.inject_raw_rndis(0, &packet_with_ppis(entry, &frame)));
+            let got = receive_n(&h, &nic, 1, Duration::from_millis(5)).await;
+            ensure(got.is_empty(), || {
+                format!("{name}: {} frames delivered", got.len())
+            })?;
+            let after = as_netvsc(&nic).counters().malformed;
+            ensure(after == before + 1, || {
+                format!("{name}: malformed {before} -> {after}")
+            })?;
+        }
+        let dropped: u64 = (0..nic.queue_count())
+            .map(|q| nic.queue_stats(q).rx_dropped)
+            .sum();
+        ensure(dropped == dropped_before + bad.len() as u64, || {
+            format!("rx_dropped {dropped_before} -> {dropped}")
+        })?;
+        // A good VLAN PPI after an unknown one: delivered tagged (VLAN 100, priority 5).
+        let mut entries = ppi(16, 0x7fff, 12, &[0; 4]);
+        entries.extend_from_slice(&ppi(16, 6, 12, &vlan));
+        host_scope(|| nv.inject_raw_rndis(0, &packet_with_ppis(&entries, &frame)));
+        let got = receive_n(&h, &nic, 1, Duration::from_millis(50)).await;
+        ensure(got == [tagged(&frame, 0xa064)], || {
+            format!("good PPI: {got:?}")
+        })?;
+        exchange(&h, &nic, &nv, 32).await
+    })
+    .unwrap();
 }

@@ -45,12 +45,31 @@
 //!   and checks again ([`RingPair::unmask_and_check`]) so a packet that arrived in
 //!   between is not missed.
 //!
+//! # Batches
+//!
+//! A data path touches the control page once per batch, not once per packet, as Linux's
+//! `hv_pkt_iter` keeps a private read position and publishes it at the end:
+//!
+//! * Reading: [`RingPair::begin_read`] (or [`RingPair::begin_read_windowed`], which also
+//!   copies the packets out in bulk) loads and checks the host's `write_index` once; the
+//!   packets up to it are read with the same checks as single reads; then
+//!   [`RingPair::read_done`] publishes the read position once.
+//! * Writing: [`RingPair::stage`], [`RingPair::stage_prepared`] and
+//!   [`RingPair::stage_prepared_batch`] write packets the host does not see yet;
+//!   [`RingPair::publish`] stores `write_index` once and applies the signalling rule
+//!   above to the whole batch (signal if the host had consumed everything published
+//!   before it). The host's `read_index` is loaded for these writes only when the free
+//!   space last seen is too small; a stale value only underestimates the free space.
+//! * A [`PreparedPacket`] is laid out once and written many times (a receive completion,
+//!   a send-section message) with only its transaction id and payload bytes changed.
+//!
 //! Sources: `shared/reference/hyperv-facts.md` 5.7, 5.9, 5.10 and
 //! `shared/reference/wire-layouts.md` 2 (Linux `drivers/hv/ring_buffer.c`, OpenVMM
 //! `vm/devices/vmbus/vmbus_ring`).
 
 use alloc::rc::Rc;
-use core::cell::Cell;
+use alloc::vec::Vec;
+use core::cell::{Cell, RefCell};
 use core::fmt;
 use core::sync::atomic::{fence, Ordering};
 
@@ -62,7 +81,7 @@ use hvnet_wire::ring::{
 };
 use hvnet_wire::vmbus::{gpa_range_head, gpa_range_pages, GpaRange};
 use hvnet_wire::{WireError, U32, U64};
-use zerocopy::{FromZeros, IntoBytes};
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use crate::memory::{MemoryError, SharedBuffer, PAGE_SIZE};
 
@@ -412,6 +431,135 @@ struct PacketLayout {
     ring_len: usize,
 }
 
+impl OutgoingPacket<'_> {
+    /// Writes the packet (descriptor, headers, payload, zero padding; no trailer) to the
+    /// start of `dst`, which holds at least `layout.ring_len - 8` bytes.
+    fn emit(&self, layout: &PacketLayout, dst: &mut [u8]) -> Result<usize, RingError> {
+        let mut w = SliceWriter { dst, pos: 0 };
+        w.put(layout.descriptor.as_bytes())?;
+        if let OutgoingKind::GpaDirect { ranges, .. } = self.kind {
+            let header = VmGpaDirectHeader {
+                reserved: U32::ZERO,
+                // `layout` bounded the ranges by the packet length.
+                range_cnt: u32::try_from(ranges.len()).unwrap_or(u32::MAX).into(),
+            };
+            w.put(header.as_bytes())?;
+            for r in ranges {
+                w.put(U64::new(gpa_range_head(r.byte_offset, r.byte_count)).as_bytes())?;
+                w.put(r.pfns.as_bytes())?;
+            }
+        }
+        for piece in self.payload {
+            w.put(piece)?;
+        }
+        w.put(&[0u8; 8][..layout.padding.min(8)])?;
+        Ok(w.pos)
+    }
+}
+
+/// Appends to a private slice; running out of room is a caller bug reported as an error.
+struct SliceWriter<'a> {
+    dst: &'a mut [u8],
+    pos: usize,
+}
+
+impl SliceWriter<'_> {
+    fn put(&mut self, bytes: &[u8]) -> Result<(), RingError> {
+        let end = self.pos + bytes.len();
+        let dst = self
+            .dst
+            .get_mut(self.pos..end)
+            .ok_or(out_of_ring(self.pos, bytes.len()))?;
+        dst.copy_from_slice(bytes);
+        self.pos = end;
+        Ok(())
+    }
+}
+
+/// Largest packet (trailer excluded) a [`PreparedPacket`] holds.
+pub const PREPARED_MAX: usize = 64;
+
+/// Bytes a batch reads at once at the start of a packet: its descriptor and, for the
+/// common small packets, all of it (a netvsc receive indication with one range is 72
+/// bytes, a send completion 56), so that most packets take one copy out of the ring.
+const READ_AHEAD: usize = 96;
+
+/// Most bytes [`RingPair::stage_prepared_batch`] assembles before copying them into the
+/// ring.
+pub const ASSEMBLY_BYTES: usize = 4096;
+
+/// Packets up to this many ring bytes are assembled in private memory and copied into
+/// the ring in one piece (or two, where the ring wraps) instead of field by field.
+const ASSEMBLE_MAX: usize = 128;
+
+/// A small outgoing packet laid out once and sent many times: only its transaction id
+/// and its payload bytes change between sends (netvsc's receive completions and its
+/// SEND_RNDIS_PKT messages). Writing one is a single copy into the ring, with no layout
+/// work, because the descriptor was checked when the packet was prepared and cannot be
+/// changed afterwards.
+#[derive(Clone, Copy)]
+pub struct PreparedPacket {
+    /// The packet, then room for its trailer (filled at each write).
+    bytes: [u8; PREPARED_MAX + PACKET_TRAILER_SIZE],
+    /// Packet length without trailer (a multiple of 8, at most [`PREPARED_MAX`]).
+    len: usize,
+    /// Where the payload starts (`offset8 * 8`).
+    payload_offset: usize,
+}
+
+impl fmt::Debug for PreparedPacket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreparedPacket")
+            .field("bytes", &&self.bytes[..self.len])
+            .finish()
+    }
+}
+
+impl PreparedPacket {
+    /// Lays `packet` out; [`RingError::OutgoingTooLarge`] if it takes more than
+    /// [`PREPARED_MAX`] bytes without its trailer.
+    pub fn new(packet: &OutgoingPacket<'_>) -> Result<Self, RingError> {
+        let layout = packet.layout()?;
+        let len = layout.ring_len - PACKET_TRAILER_SIZE;
+        if len > PREPARED_MAX {
+            return Err(RingError::OutgoingTooLarge {
+                len: layout.ring_len,
+                max: PREPARED_MAX + PACKET_TRAILER_SIZE,
+            });
+        }
+        let mut p = Self {
+            bytes: [0; PREPARED_MAX + PACKET_TRAILER_SIZE],
+            len,
+            payload_offset: layout.descriptor.payload_offset(),
+        };
+        packet.emit(&layout, &mut p.bytes)?;
+        Ok(p)
+    }
+
+    /// Sets the transaction id of the next write.
+    #[inline]
+    pub fn set_trans_id(&mut self, trans_id: u64) {
+        self.bytes[8..16].copy_from_slice(&trans_id.to_le_bytes());
+    }
+
+    /// The payload bytes (with their padding) to change between writes; the descriptor
+    /// and headers are fixed.
+    #[inline]
+    pub fn payload_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes[self.payload_offset..self.len]
+    }
+
+    /// The packet as it will be written (trailer excluded).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    /// Ring bytes a write takes (packet and trailer).
+    pub fn ring_len(&self) -> usize {
+        self.len + PACKET_TRAILER_SIZE
+    }
+}
+
 /// Where one ring lives in the buffer.
 #[derive(Clone, Copy, Debug)]
 struct RingGeometry {
@@ -462,30 +610,83 @@ impl RingGeometry {
     }
 }
 
+/// Counters of one direction, one cell each so that counting copies nothing.
+#[derive(Debug, Default)]
+struct Counters {
+    packets: Cell<u64>,
+    bytes: Cell<u64>,
+    full: Cell<u64>,
+    signals: Cell<u64>,
+}
+
+impl Counters {
+    fn bump(cell: &Cell<u64>, n: u64) {
+        cell.set(cell.get().wrapping_add(n));
+    }
+
+    fn snapshot(&self) -> RingStats {
+        RingStats {
+            packets: self.packets.get(),
+            bytes: self.bytes.get(),
+            full: self.full.get(),
+            signals: self.signals.get(),
+        }
+    }
+}
+
 /// Guest state of the outgoing ring.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Debug, Default)]
 struct OutState {
-    /// Where the next packet goes (the guest's own copy of `write_index`).
-    write: usize,
-    /// The host's `read_index` as last validated.
-    read: usize,
+    /// Where the next packet goes: the end of everything written, published or staged
+    /// (the guest's own copy of `write_index`; never read back from shared memory).
+    write: Cell<usize>,
+    /// The `write_index` value last stored: the host sees packets up to here.
+    published: Cell<usize>,
+    /// The host's `read_index` as last validated. Free space computed from it is never
+    /// more than the real free space (the host only moves it forward).
+    read: Cell<usize>,
     /// The first corruption seen; the ring refuses all work after it.
-    failed: Option<RingError>,
-    stats: RingStats,
+    failed: Cell<Option<RingError>>,
+    /// `failed.is_some()`, cheap to test on every call.
+    broken: Cell<bool>,
+    stats: Counters,
 }
 
 /// Guest state of the incoming ring.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Debug, Default)]
 struct InState {
     /// Start of the next packet to consume (not yet published).
-    read: usize,
+    read: Cell<usize>,
     /// The `read_index` value last published to the host.
-    committed: usize,
+    committed: Cell<usize>,
     /// The host's `write_index` as last validated.
-    write: usize,
+    write: Cell<usize>,
     /// The first corruption seen; the ring refuses all work after it.
-    failed: Option<RingError>,
-    stats: RingStats,
+    failed: Cell<Option<RingError>>,
+    /// `failed.is_some()`, cheap to test on every call.
+    broken: Cell<bool>,
+    stats: Counters,
+}
+
+impl InState {
+    fn check(&self) -> Result<(), RingError> {
+        if self.broken.get() {
+            return Err(self
+                .failed
+                .get()
+                .unwrap_or(RingError::Memory(MemoryError::OutOfMemory)));
+        }
+        Ok(())
+    }
+
+    /// Records `e` if it is a corruption (the incoming ring fails for good); returns it.
+    fn fail(&self, e: RingError) -> RingError {
+        if e.is_corruption() {
+            self.failed.set(Some(e));
+            self.broken.set(true);
+        }
+        e
+    }
 }
 
 /// A validated incoming descriptor and where its packet starts.
@@ -506,8 +707,11 @@ pub struct RingPair {
     outgoing_pages: usize,
     out_ring: RingGeometry,
     in_ring: RingGeometry,
-    out: Cell<OutState>,
-    inc: Cell<InState>,
+    out: OutState,
+    inc: InState,
+    /// Private memory where batches of prepared packets are laid out before they are
+    /// copied into the ring (grows to at most [`ASSEMBLY_BYTES`] on first use).
+    assembly: RefCell<Vec<u8>>,
 }
 
 impl fmt::Debug for RingPair {
@@ -515,8 +719,8 @@ impl fmt::Debug for RingPair {
         f.debug_struct("RingPair")
             .field("outgoing_pages", &self.outgoing_pages)
             .field("incoming_pages", &self.incoming_pages())
-            .field("out", &self.out.get())
-            .field("in", &self.inc.get())
+            .field("out", &self.out)
+            .field("in", &self.inc)
             .finish()
     }
 }
@@ -562,8 +766,9 @@ impl RingPair {
             outgoing_pages,
             out_ring,
             in_ring,
-            out: Cell::new(OutState::default()),
-            inc: Cell::new(InState::default()),
+            out: OutState::default(),
+            inc: InState::default(),
+            assembly: RefCell::new(Vec::new()),
         };
         for ring in [&pair.out_ring, &pair.in_ring] {
             pair.store(ring, RING_WRITE_INDEX_OFFSET, 0)?;
@@ -617,55 +822,197 @@ impl RingPair {
 
     /// Counters of the outgoing ring.
     pub fn outgoing_stats(&self) -> RingStats {
-        self.out.get().stats
+        self.out.stats.snapshot()
     }
 
     /// Counters of the incoming ring.
     pub fn incoming_stats(&self) -> RingStats {
-        self.inc.get().stats
+        self.inc.stats.snapshot()
     }
 
     /// The corruption that failed the outgoing ring, if any.
     pub fn outgoing_failure(&self) -> Option<RingError> {
-        self.out.get().failed
+        self.out.failed.get()
     }
 
     /// The corruption that failed the incoming ring, if any.
     pub fn incoming_failure(&self) -> Option<RingError> {
-        self.inc.get().failed
+        self.inc.failed.get()
     }
 
     // -----------------------------------------------------------------------------------
     // Outgoing ring.
 
-    /// Writes one packet to the outgoing ring and publishes it.
+    /// Writes one packet to the outgoing ring and publishes it (with any packets staged
+    /// before it).
     ///
-    /// Refuses with [`RingError::Full`] (writing nothing) unless the free space, which
-    /// always keeps 8 bytes back, holds the whole packet with its trailer. On success the
-    /// result says whether to signal the host.
+    /// Refuses with [`RingError::Full`] (writing nothing, publishing nothing) unless the
+    /// free space, which always keeps 8 bytes back, holds the whole packet with its
+    /// trailer; the host's `read_index` is loaded and checked for this on every call. On
+    /// success the result says whether to signal the host.
     pub fn try_write(&self, packet: &OutgoingPacket<'_>) -> Result<WriteResult, RingError> {
-        let mut st = self.out.get();
-        let result = self.write_packet(&mut st, packet);
-        match result {
-            Err(e) if e.is_corruption() => st.failed = Some(e),
-            Err(RingError::Full { .. }) => st.stats.full += 1,
-            Ok(WriteResult { signal: true }) => st.stats.signals += 1,
-            _ => {}
+        self.stage_packet(packet, true)?;
+        self.publish()
+    }
+
+    /// Writes one packet after those written before but does not publish it: the host
+    /// sees it only at the next [`publish`](Self::publish) (or
+    /// [`try_write`](Self::try_write)). Staging a batch and publishing it once stores
+    /// `write_index` once and signals at most once (the writer's half of Linux's batched
+    /// `hv_pkt_iter` use). The host's `read_index` is loaded only when the free space last
+    /// seen is too small. [`RingError::Full`] writes nothing.
+    pub fn stage(&self, packet: &OutgoingPacket<'_>) -> Result<(), RingError> {
+        self.stage_packet(packet, false)
+    }
+
+    /// Stages a prepared packet (see [`stage`](Self::stage)): one copy into the ring.
+    #[inline]
+    pub fn stage_prepared(&self, packet: &mut PreparedPacket) -> Result<(), RingError> {
+        self.out_fail_check()?;
+        let ring_len = packet.len + PACKET_TRAILER_SIZE;
+        let start = self.out.write.get();
+        if self.out_ring.free(start, self.out.read.get()) < ring_len {
+            self.reserve(ring_len, true)?;
         }
-        self.out.set(st);
-        result
+        // The trailer: the packet's start offset in the high half of a u64.
+        let trailer = u64::from(index_u32(start)) << 32;
+        packet.bytes[packet.len..ring_len].copy_from_slice(&trailer.to_le_bytes());
+        self.put(&self.out_ring, start, &packet.bytes[..ring_len])
+            .map_err(|e| self.out_fail(e))?;
+        self.wrote(start, ring_len);
+        Ok(())
+    }
+
+    /// Stages one copy of `template` per transaction id in `trans_ids` (netvsc's
+    /// receive completions of a batch, as Linux's `send_recv_completions` flushes them):
+    /// the copies are assembled in private memory and go into the ring in one piece per
+    /// [`ASSEMBLY_BYTES`]. Returns how many were staged: all of them, or as many as fit
+    /// (the host's `read_index` is loaded once if the free space last seen is too small);
+    /// [`RingError::Full`] if not even one fits.
+    pub fn stage_prepared_batch(
+        &self,
+        template: &PreparedPacket,
+        trans_ids: &[u64],
+    ) -> Result<usize, RingError> {
+        self.out_fail_check()?;
+        if trans_ids.is_empty() {
+            return Ok(0);
+        }
+        let ring = self.out_ring;
+        let len = template.len;
+        let ring_len = len + PACKET_TRAILER_SIZE;
+        if ring_len > ring.max_ring_packet() {
+            return Err(RingError::OutgoingTooLarge {
+                len: ring_len,
+                max: self.max_outgoing_packet(),
+            });
+        }
+        let start = self.out.write.get();
+        let mut free = ring.free(start, self.out.read.get());
+        if free < trans_ids.len() * ring_len {
+            free = ring.free(start, self.load_read_index()?);
+        }
+        let count = trans_ids.len().min(free / ring_len);
+        if count == 0 {
+            Counters::bump(&self.out.stats.full, 1);
+            return Err(RingError::Full { needed: ring_len });
+        }
+        let mut assembly = self.assembly.borrow_mut();
+        let per_chunk = (ASSEMBLY_BYTES / ring_len).max(1);
+        let mut pos = start;
+        for chunk in trans_ids[..count].chunks(per_chunk) {
+            let bytes = chunk.len() * ring_len;
+            if assembly.len() < bytes {
+                assembly.resize(bytes, 0);
+            }
+            let chunk_start = pos;
+            for (dst, &trans_id) in assembly[..bytes].chunks_exact_mut(ring_len).zip(chunk) {
+                dst[..len].copy_from_slice(&template.bytes[..len]);
+                dst[8..16].copy_from_slice(&trans_id.to_le_bytes());
+                let trailer = u64::from(index_u32(pos)) << 32;
+                dst[len..].copy_from_slice(&trailer.to_le_bytes());
+                pos = ring.advance(pos, ring_len);
+            }
+            self.put(&ring, chunk_start, &assembly[..bytes])
+                .map_err(|e| self.out_fail(e))?;
+            self.out.write.set(pos);
+        }
+        Counters::bump(&self.out.stats.packets, count as u64);
+        Counters::bump(&self.out.stats.bytes, (count * ring_len) as u64);
+        Ok(count)
+    }
+
+    /// Writes a prepared packet and publishes it (with any staged before it). Unlike
+    /// [`try_write`](Self::try_write) the host's `read_index` is loaded only when the
+    /// free space last seen is too small.
+    #[inline]
+    pub fn try_write_prepared(
+        &self,
+        packet: &mut PreparedPacket,
+    ) -> Result<WriteResult, RingError> {
+        self.stage_prepared(packet)?;
+        self.publish()
+    }
+
+    /// Whether packets were staged and not yet published.
+    pub fn has_unpublished(&self) -> bool {
+        self.out.write.get() != self.out.published.get()
+    }
+
+    /// Publishes every staged packet: one release store of `write_index`, then the
+    /// signal decision of Linux `hv_need_to_signal` for the whole batch - signal if the
+    /// host has not masked interrupts and had consumed everything published before (so
+    /// it may be asleep). Nothing staged: nothing stored, no signal.
+    #[inline]
+    pub fn publish(&self) -> Result<WriteResult, RingError> {
+        self.out_fail_check()?;
+        let write = self.out.write.get();
+        let before = self.out.published.get();
+        if write == before {
+            return Ok(WriteResult { signal: false });
+        }
+        let ring = self.out_ring;
+        // One look through the `Rc` for the three accesses below.
+        let buffer: &dyn SharedBuffer = &*self.buffer;
+        // The packet bytes are visible before the index (release store).
+        buffer
+            .store_u32(ring.control + RING_WRITE_INDEX_OFFSET, index_u32(write))
+            .map_err(|e| self.out_fail(e.into()))?;
+        self.out.published.set(write);
+
+        // Linux `hv_need_to_signal`: the index store must be ordered before the loads of
+        // the host's mask and read index, or the host could go to sleep unsignalled.
+        // The packets are published now: a failed or implausible load must not turn into
+        // an error (the caller could send them again), so it errs towards a spare signal.
+        fence(Ordering::SeqCst);
+        let masked = match buffer.load_u32(ring.control + RING_INTERRUPT_MASK_OFFSET) {
+            Ok(mask) => mask != 0,
+            Err(_) => false,
+        };
+        let was_empty = match buffer.load_u32(ring.control + RING_READ_INDEX_OFFSET) {
+            Ok(raw) => match self.check_read_index(raw) {
+                Some(read) => {
+                    // A valid value also refreshes the free space the next write sees.
+                    self.out.read.set(read);
+                    read == before
+                }
+                None => true,
+            },
+            Err(_) => true,
+        };
+        let signal = !masked && was_empty;
+        if signal {
+            Counters::bump(&self.out.stats.signals, 1);
+        }
+        Ok(WriteResult { signal })
     }
 
     /// Free bytes of the outgoing ring now (the 8-byte gap already deducted): a packet
     /// fits if its [`OutgoingPacket::ring_len`] is at most this.
     pub fn outgoing_free(&self) -> Result<usize, RingError> {
-        let mut st = self.out.get();
-        let result = self.load_read_index(&mut st);
-        if let Err(e) = result {
-            st.failed = Some(e);
-        }
-        self.out.set(st);
-        result.map(|read| self.out_ring.free(st.write, read))
+        self.out_fail_check()?;
+        let read = self.load_read_index()?;
+        Ok(self.out_ring.free(self.out.write.get(), read))
     }
 
     /// Asks the host to signal once at least `bytes` are free in the outgoing ring
@@ -684,14 +1031,29 @@ impl RingPair {
         Ok(())
     }
 
-    fn write_packet(
-        &self,
-        st: &mut OutState,
-        packet: &OutgoingPacket<'_>,
-    ) -> Result<WriteResult, RingError> {
-        if let Some(e) = st.failed {
-            return Err(e);
+    fn out_fail_check(&self) -> Result<(), RingError> {
+        if self.out.broken.get() {
+            return Err(self
+                .out
+                .failed
+                .get()
+                .unwrap_or(RingError::Memory(MemoryError::OutOfMemory)));
         }
+        Ok(())
+    }
+
+    /// Records `e` if it is a corruption (the outgoing ring fails for good); returns it.
+    fn out_fail(&self, e: RingError) -> RingError {
+        if e.is_corruption() {
+            self.out.failed.set(Some(e));
+            self.out.broken.set(true);
+        }
+        e
+    }
+
+    /// Lays `packet` out and writes it after the packets written so far.
+    fn stage_packet(&self, packet: &OutgoingPacket<'_>, fresh: bool) -> Result<(), RingError> {
+        self.out_fail_check()?;
         let ring = self.out_ring;
         let layout = packet.layout()?;
         if layout.ring_len > ring.max_ring_packet() {
@@ -700,14 +1062,32 @@ impl RingPair {
                 max: self.max_outgoing_packet(),
             });
         }
-        let read = self.load_read_index(st)?;
-        if layout.ring_len > ring.free(st.write, read) {
-            return Err(RingError::Full {
-                needed: layout.ring_len,
-            });
-        }
+        let start = self.reserve(layout.ring_len, fresh)?;
+        let trailer = PacketTrailer::new(index_u32(start));
+        let written = if layout.ring_len <= ASSEMBLE_MAX {
+            // Small packets (completions, control messages) go in one copy.
+            let mut local = [0u8; ASSEMBLE_MAX];
+            let len = packet.emit(&layout, &mut local)?;
+            local[len..len + PACKET_TRAILER_SIZE].copy_from_slice(trailer.as_bytes());
+            self.put(&ring, start, &local[..layout.ring_len])
+                .map(|_| ())
+        } else {
+            self.put_fields(packet, &layout, start, &trailer)
+        };
+        written.map_err(|e| self.out_fail(e))?;
+        self.wrote(start, layout.ring_len);
+        Ok(())
+    }
 
-        let start = st.write;
+    /// Writes a large packet in place, piece by piece.
+    fn put_fields(
+        &self,
+        packet: &OutgoingPacket<'_>,
+        layout: &PacketLayout,
+        start: usize,
+        trailer: &PacketTrailer,
+    ) -> Result<(), RingError> {
+        let ring = self.out_ring;
         let mut pos = self.put(&ring, start, layout.descriptor.as_bytes())?;
         if let OutgoingKind::GpaDirect { ranges, .. } = packet.kind {
             let header = VmGpaDirectHeader {
@@ -722,54 +1102,71 @@ impl RingPair {
                 pos = self.put(&ring, pos, r.pfns.as_bytes())?;
             }
         }
-        for piece in packet.payload {
+        for piece in packet.payload.iter().filter(|p| !p.is_empty()) {
             pos = self.put(&ring, pos, piece)?;
         }
-        pos = self.put(&ring, pos, &[0u8; 8][..layout.padding.min(8)])?;
-        // `start` < data size, which fits a u32 (checked in `new`).
-        let trailer = PacketTrailer::new(u32::try_from(start).unwrap_or(0));
-        pos = self.put(&ring, pos, trailer.as_bytes())?;
+        if layout.padding > 0 {
+            pos = self.put(&ring, pos, &[0u8; 8][..layout.padding.min(8)])?;
+        }
+        self.put(&ring, pos, trailer.as_bytes())?;
+        Ok(())
+    }
 
-        // The packet bytes are visible before the index (release store).
-        self.store(&ring, RING_WRITE_INDEX_OFFSET, index_u32(pos))?;
-        st.write = pos;
-        st.stats.packets += 1;
-        st.stats.bytes += layout.ring_len as u64;
+    /// Finds room for `needed` ring bytes after the last packet written; returns where
+    /// they start. With `fresh` the host's `read_index` is always loaded; otherwise only
+    /// when the free space last seen is too small.
+    fn reserve(&self, needed: usize, fresh: bool) -> Result<usize, RingError> {
+        let ring = self.out_ring;
+        if needed > ring.max_ring_packet() {
+            return Err(RingError::OutgoingTooLarge {
+                len: needed,
+                max: self.max_outgoing_packet(),
+            });
+        }
+        let write = self.out.write.get();
+        if fresh || ring.free(write, self.out.read.get()) < needed {
+            let read = self.load_read_index()?;
+            if ring.free(write, read) < needed {
+                Counters::bump(&self.out.stats.full, 1);
+                return Err(RingError::Full { needed });
+            }
+        }
+        Ok(write)
+    }
 
-        // Linux `hv_need_to_signal`: the index store must be ordered before the loads of
-        // the host's mask and read index, or the host could go to sleep unsignalled.
-        // The packet is published now: a failed load must not turn into an error (the
-        // caller could send it again), so it errs towards a spare signal instead.
-        fence(Ordering::SeqCst);
-        let masked = match self.load(&ring, RING_INTERRUPT_MASK_OFFSET) {
-            Ok(mask) => mask != 0,
-            Err(_) => false,
-        };
-        let was_empty = match self.load(&ring, RING_READ_INDEX_OFFSET) {
-            Ok(host_read) => usize::try_from(host_read).is_ok_and(|r| r == start),
-            Err(_) => true,
-        };
-        Ok(WriteResult {
-            signal: !masked && was_empty,
-        })
+    /// Accounts a packet of `ring_len` bytes written at `start`.
+    fn wrote(&self, start: usize, ring_len: usize) {
+        self.out.write.set(self.out_ring.advance(start, ring_len));
+        Counters::bump(&self.out.stats.packets, 1);
+        Counters::bump(&self.out.stats.bytes, ring_len as u64);
     }
 
     /// Loads and checks the host's `read_index` of the outgoing ring: in range, aligned,
-    /// and no further than the guest has written.
-    fn load_read_index(&self, st: &mut OutState) -> Result<usize, RingError> {
-        if let Some(e) = st.failed {
-            return Err(e);
+    /// and no further than the guest has published. A bad value fails the ring.
+    fn load_read_index(&self) -> Result<usize, RingError> {
+        let raw = self
+            .load(&self.out_ring, RING_READ_INDEX_OFFSET)
+            .map_err(|e| self.out_fail(e))?;
+        match self.check_read_index(raw) {
+            Some(read) => {
+                self.out.read.set(read);
+                Ok(read)
+            }
+            None => Err(self.out_fail(RingError::BadReadIndex { index: raw })),
         }
+    }
+
+    /// A host `read_index` value if it is valid: inside the data area, 8-aligned, and
+    /// between the last value seen and the published `write_index` (the host consumes
+    /// from where it was up to what it was shown, never beyond).
+    fn check_read_index(&self, raw: u32) -> Option<usize> {
         let ring = self.out_ring;
-        let raw = self.load(&ring, RING_READ_INDEX_OFFSET)?;
-        let bad = RingError::BadReadIndex { index: raw };
-        let read = check_ring_index(raw, ring.size_u32()).map_err(|_| bad)? as usize;
-        // The host consumes from where it was up to our write index, never beyond.
-        if ring.distance(st.read, read) > ring.distance(st.read, st.write) {
-            return Err(bad);
+        let read = check_ring_index(raw, ring.size_u32()).ok()? as usize;
+        let last = self.out.read.get();
+        if ring.distance(last, read) > ring.distance(last, self.out.published.get()) {
+            return None;
         }
-        st.read = read;
-        Ok(read)
+        Some(read)
     }
 
     // -----------------------------------------------------------------------------------
@@ -778,8 +1175,9 @@ impl RingPair {
     /// Copies the next incoming packet (descriptor to `len8 * 8`, trailer excluded) into
     /// `buf` without consuming it; returns its length, or `None` if the ring is empty.
     pub fn peek(&self, buf: &mut [u8]) -> Result<Option<usize>, RingError> {
-        self.with_incoming(|st| {
-            let Some(next) = self.next_packet(st)? else {
+        self.with_incoming(|| {
+            let write = self.load_write_index()?;
+            let Some(next) = self.next_packet(write)? else {
                 return Ok(None);
             };
             self.copy_packet(&next, buf)?;
@@ -791,11 +1189,12 @@ impl RingPair {
     /// `None` if the ring is empty. The space goes back to the host at
     /// [`read_done`](Self::read_done).
     pub fn advance(&self) -> Result<Option<usize>, RingError> {
-        self.with_incoming(|st| {
-            let Some(next) = self.next_packet(st)? else {
+        self.with_incoming(|| {
+            let write = self.load_write_index()?;
+            let Some(next) = self.next_packet(write)? else {
                 return Ok(None);
             };
-            self.consume(st, &next);
+            self.consume(&next);
             Ok(Some(next.len))
         })
     }
@@ -804,12 +1203,13 @@ impl RingPair {
     /// `None` if the ring is empty. If `buf` is too small nothing is consumed
     /// ([`RingError::BufferTooSmall`] says how much is needed).
     pub fn read(&self, buf: &mut [u8]) -> Result<Option<usize>, RingError> {
-        self.with_incoming(|st| {
-            let Some(next) = self.next_packet(st)? else {
+        self.with_incoming(|| {
+            let write = self.load_write_index()?;
+            let Some(next) = self.next_packet(write)? else {
                 return Ok(None);
             };
             self.copy_packet(&next, buf)?;
-            self.consume(st, &next);
+            self.consume(&next);
             Ok(Some(next.len))
         })
     }
@@ -820,18 +1220,45 @@ impl RingPair {
         let Some(len) = self.read(&mut *buf)? else {
             return Ok(None);
         };
-        let buf: &'b [u8] = buf;
-        let bytes = buf
-            .get(..len)
-            .ok_or(RingError::BufferTooSmall { needed: len })?;
-        Packet::parse(bytes).map(Some).map_err(RingError::BadPacket)
+        parse_copied(buf, len)
+    }
+
+    /// Starts reading a batch: loads and checks the host's `write_index` once; the
+    /// batch then reads the packets announced up to it without touching the control page
+    /// again (Linux keeps the same private read position in `hv_pkt_iter`). Publish the
+    /// space with [`read_done`](Self::read_done) after the batch.
+    #[inline]
+    pub fn begin_read(&self) -> Result<IncomingBatch<'_>, RingError> {
+        let end = self.with_incoming(|| self.load_write_index())?;
+        Ok(IncomingBatch { ring: self, end })
+    }
+
+    /// Starts reading a batch in bulk (see [`WindowedBatch`]): like
+    /// [`begin_read`](Self::begin_read), with `buf` as the private copy and `window` the
+    /// bytes to copy out at once.
+    #[inline]
+    pub fn begin_read_windowed<'b>(
+        &self,
+        buf: &'b mut Vec<u8>,
+        window: usize,
+    ) -> Result<WindowedBatch<'_, 'b>, RingError> {
+        let end = self.with_incoming(|| self.load_write_index())?;
+        let window = window.clamp(MIN_RING_PACKET, self.in_ring.size);
+        Ok(WindowedBatch {
+            ring: self,
+            end,
+            buf,
+            window,
+            have_start: self.inc.read.get(),
+            have: 0,
+        })
     }
 
     /// Whether a packet is waiting in the incoming ring.
     pub fn has_incoming(&self) -> Result<bool, RingError> {
-        self.with_incoming(|st| {
-            let write = self.load_write_index(st)?;
-            Ok(write != st.read)
+        self.with_incoming(|| {
+            let write = self.load_write_index()?;
+            Ok(write != self.inc.read.get())
         })
     }
 
@@ -844,15 +1271,17 @@ impl RingPair {
     /// `pending_send_sz` are ignored: some hosts ask for "ring size - 1" meaning "tell me
     /// when empty", which is never reachable since 8 bytes always stay free.
     pub fn read_done(&self) -> Result<bool, RingError> {
-        self.with_incoming(|st| {
-            if st.read == st.committed {
+        self.with_incoming(|| {
+            let read = self.inc.read.get();
+            let committed = self.inc.committed.get();
+            if read == committed {
                 return Ok(false);
             }
             let ring = self.in_ring;
             // Packet reads are done before the space is handed back (release store).
-            self.store(&ring, RING_READ_INDEX_OFFSET, index_u32(st.read))?;
-            let freed = ring.distance(st.committed, st.read);
-            st.committed = st.read;
+            self.store(&ring, RING_READ_INDEX_OFFSET, index_u32(read))?;
+            let freed = ring.distance(committed, read);
+            self.inc.committed.set(read);
             // Order the index store before the loads below (Linux `hv_pkt_iter_close`).
             fence(Ordering::SeqCst);
             let features = self.load(&ring, RING_FEATURE_BITS_OFFSET)?;
@@ -863,15 +1292,15 @@ impl RingPair {
             if pending == 0 {
                 return Ok(false);
             }
-            let write = self.load_write_index(st)?;
-            let now_free = ring.free(write, st.read);
+            let write = self.load_write_index()?;
+            let now_free = ring.free(write, read);
             // The host may already have used some freed space; then it was not blocked
             // on exactly this amount, and a spare signal is harmless.
             let before_free = now_free.saturating_sub(freed);
             let pending = pending as usize;
             let signal = before_free < pending && now_free >= pending;
             if signal {
-                st.stats.signals += 1;
+                Counters::bump(&self.inc.stats.signals, 1);
             }
             Ok(signal)
         })
@@ -891,58 +1320,47 @@ impl RingPair {
     /// until the host signals. Checking after unmasking closes the window in which the
     /// host wrote a packet while the mask was still set and so did not signal.
     pub fn unmask_and_check(&self) -> Result<bool, RingError> {
-        self.with_incoming(|st| {
+        self.with_incoming(|| {
             self.store(&self.in_ring, RING_INTERRUPT_MASK_OFFSET, 0)?;
             // The mask store must be visible before we sample the write index.
             fence(Ordering::SeqCst);
-            let write = self.load_write_index(st)?;
-            Ok(write != st.read)
+            let write = self.load_write_index()?;
+            Ok(write != self.inc.read.get())
         })
     }
 
-    /// Runs `f` on the incoming state, refusing all work once the ring failed and
+    /// Runs `f` on the incoming ring, refusing all work once the ring failed and
     /// recording a corruption `f` reports.
-    fn with_incoming<T>(
-        &self,
-        f: impl FnOnce(&mut InState) -> Result<T, RingError>,
-    ) -> Result<T, RingError> {
-        let mut st = self.inc.get();
-        let result = match st.failed {
-            Some(e) => Err(e),
-            None => f(&mut st),
-        };
-        if let Err(e) = result {
-            if e.is_corruption() {
-                st.failed = Some(e);
-            }
-        }
-        self.inc.set(st);
-        result
+    fn with_incoming<T>(&self, f: impl FnOnce() -> Result<T, RingError>) -> Result<T, RingError> {
+        self.inc.check()?;
+        f().map_err(|e| self.inc.fail(e))
     }
 
     /// Loads and checks the host's `write_index` of the incoming ring: in range, aligned,
     /// and not behind data it announced before (the bytes from our read position to the
     /// host's write position only grow until we consume).
-    fn load_write_index(&self, st: &mut InState) -> Result<usize, RingError> {
+    fn load_write_index(&self) -> Result<usize, RingError> {
         let ring = self.in_ring;
         let raw = self.load(&ring, RING_WRITE_INDEX_OFFSET)?;
         let bad = RingError::BadWriteIndex { index: raw };
         let write = check_ring_index(raw, ring.size_u32()).map_err(|_| bad)? as usize;
-        if ring.distance(st.read, write) < ring.distance(st.read, st.write) {
+        let read = self.inc.read.get();
+        if ring.distance(read, write) < ring.distance(read, self.inc.write.get()) {
             return Err(bad);
         }
-        st.write = write;
+        self.inc.write.set(write);
         Ok(write)
     }
 
-    /// Finds and checks the next incoming packet.
-    fn next_packet(&self, st: &mut InState) -> Result<Option<NextPacket>, RingError> {
+    /// Finds and checks the next incoming packet among those announced up to `write`
+    /// (a validated write index).
+    fn next_packet(&self, write: usize) -> Result<Option<NextPacket>, RingError> {
         let ring = self.in_ring;
-        let write = self.load_write_index(st)?;
-        if write == st.read {
+        let read = self.inc.read.get();
+        if write == read {
             return Ok(None);
         }
-        let available = ring.distance(st.read, write);
+        let available = ring.distance(read, write);
         if available < MIN_RING_PACKET {
             return Err(RingError::PacketPastWriteIndex {
                 needed: MIN_RING_PACKET,
@@ -950,27 +1368,37 @@ impl RingPair {
             });
         }
         let mut descriptor = VmPacketDescriptor::new_zeroed();
-        self.get(&ring, st.read, descriptor.as_mut_bytes())?;
+        self.get(&ring, read, descriptor.as_mut_bytes())?;
+        let len = self.check_descriptor(&descriptor, available)?;
+        Ok(Some(NextPacket {
+            descriptor,
+            start: read,
+            len,
+        }))
+    }
+
+    /// The framing checks of an incoming descriptor: `offset8 >= 2`, `len8 >= offset8`,
+    /// and the packet with its trailer fits the ring and the `available` bytes the host
+    /// announced. Returns the packet length (trailer excluded).
+    fn check_descriptor(
+        &self,
+        descriptor: &VmPacketDescriptor,
+        available: usize,
+    ) -> Result<usize, RingError> {
         let (offset8, len8) = (descriptor.offset8.get(), descriptor.len8.get());
         if offset8 < 2 || len8 < offset8 {
             return Err(RingError::BadDescriptor { offset8, len8 });
         }
         let len = usize::from(len8) * 8;
         let needed = len + PACKET_TRAILER_SIZE;
-        if needed > ring.max_ring_packet() {
-            return Err(RingError::PacketTooLarge {
-                len: needed,
-                max: ring.max_ring_packet(),
-            });
+        let max = self.in_ring.max_ring_packet();
+        if needed > max {
+            return Err(RingError::PacketTooLarge { len: needed, max });
         }
         if needed > available {
             return Err(RingError::PacketPastWriteIndex { needed, available });
         }
-        Ok(Some(NextPacket {
-            descriptor,
-            start: st.read,
-            len,
-        }))
+        Ok(len)
     }
 
     /// Copies a checked packet into `buf`: the validated descriptor, then the rest from
@@ -986,11 +1414,13 @@ impl RingPair {
         self.get(&ring, rest_start, rest)
     }
 
-    fn consume(&self, st: &mut InState, next: &NextPacket) {
+    fn consume(&self, next: &NextPacket) {
         let ring_len = next.len + PACKET_TRAILER_SIZE;
-        st.read = self.in_ring.advance(next.start, ring_len);
-        st.stats.packets += 1;
-        st.stats.bytes += ring_len as u64;
+        self.inc
+            .read
+            .set(self.in_ring.advance(next.start, ring_len));
+        Counters::bump(&self.inc.stats.packets, 1);
+        Counters::bump(&self.inc.stats.bytes, ring_len as u64);
     }
 
     // -----------------------------------------------------------------------------------
@@ -1010,10 +1440,11 @@ impl RingPair {
         if pos >= ring.size || bytes.len() > ring.size {
             return Err(out_of_ring(pos, bytes.len()));
         }
+        let buffer: &dyn SharedBuffer = &*self.buffer;
         let (first, second) = bytes.split_at(bytes.len().min(ring.size - pos));
-        self.buffer.write(ring.data + pos, first)?;
+        buffer.write(ring.data + pos, first)?;
         if !second.is_empty() {
-            self.buffer.write(ring.data, second)?;
+            buffer.write(ring.data, second)?;
         }
         Ok(ring.advance(pos, bytes.len()))
     }
@@ -1023,14 +1454,261 @@ impl RingPair {
         if pos >= ring.size || buf.len() > ring.size {
             return Err(out_of_ring(pos, buf.len()));
         }
+        let buffer: &dyn SharedBuffer = &*self.buffer;
         let split = buf.len().min(ring.size - pos);
         let (first, second) = buf.split_at_mut(split);
-        self.buffer.read(ring.data + pos, first)?;
+        buffer.read(ring.data + pos, first)?;
         if !second.is_empty() {
-            self.buffer.read(ring.data, second)?;
+            buffer.read(ring.data, second)?;
         }
         Ok(())
     }
+}
+
+/// The packets the host had announced when [`RingPair::begin_read`] looked: read them
+/// one by one with [`read_packet`](Self::read_packet), then publish the space with
+/// [`RingPair::read_done`].
+///
+/// The snapshot was validated when it was taken, and every descriptor is checked against
+/// it exactly as [`RingPair::read`] checks against a fresh `write_index`, so a host that
+/// moves its index meanwhile only delays packets to the next batch. Reading through
+/// [`RingPair::read`] and friends while a batch is open is allowed (they advance the
+/// same read position).
+#[derive(Debug)]
+pub struct IncomingBatch<'r> {
+    ring: &'r RingPair,
+    /// The host's `write_index` at the start of the batch.
+    end: usize,
+}
+
+impl<'r> IncomingBatch<'r> {
+    /// Whether every packet of the snapshot was consumed.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.ring.inc.read.get() == self.end
+    }
+
+    /// Copies the next packet of the batch into `buf`, consumes it and parses the copy
+    /// ([`Packet::parse`]); `None` once the batch is done. The descriptor is read into
+    /// `buf` once and checked there. A too-small `buf` consumes nothing
+    /// ([`RingError::BufferTooSmall`]); a packet the parser rejects is consumed and
+    /// reported as [`RingError::BadPacket`].
+    #[inline]
+    pub fn read_packet<'b>(&mut self, buf: &'b mut [u8]) -> Result<Option<Packet<'b>>, RingError> {
+        let ring = self.ring;
+        ring.inc.check()?;
+        let read = ring.inc.read.get();
+        if read == self.end {
+            return Ok(None);
+        }
+        match self.fetch(read, buf) {
+            Ok(len) => parse_copied(buf, len),
+            Err(e) => Err(ring.inc.fail(e)),
+        }
+    }
+
+    /// Copies the packet at `read` into `buf` and consumes it; returns its length.
+    #[inline]
+    fn fetch(&self, read: usize, buf: &mut [u8]) -> Result<usize, RingError> {
+        let ring = self.ring;
+        let geometry = ring.in_ring;
+        let available = geometry.distance(read, self.end);
+        if available < MIN_RING_PACKET {
+            return Err(RingError::PacketPastWriteIndex {
+                needed: MIN_RING_PACKET,
+                available,
+            });
+        }
+        // One copy for the common small packets: the descriptor and whatever follows it
+        // up to READ_AHEAD bytes, all of it announced by the host (bytes past this packet
+        // are simply read again as part of the next one).
+        let first = available.min(READ_AHEAD).min(buf.len());
+        let Some(head) = buf
+            .get_mut(..first)
+            .filter(|h| h.len() >= PACKET_DESCRIPTOR_SIZE)
+        else {
+            // Not even room for the descriptor: look at it without consuming.
+            let needed = ring
+                .next_packet(self.end)?
+                .map_or(PACKET_DESCRIPTOR_SIZE, |next| next.len);
+            return Err(RingError::BufferTooSmall { needed });
+        };
+        ring.get(&geometry, read, head)?;
+        let (descriptor, _) =
+            VmPacketDescriptor::read_from_prefix(head).map_err(|_| RingError::BufferTooSmall {
+                needed: PACKET_DESCRIPTOR_SIZE,
+            })?;
+        let len = ring.check_descriptor(&descriptor, available)?;
+        if len > first {
+            let rest = buf
+                .get_mut(first..len)
+                .ok_or(RingError::BufferTooSmall { needed: len })?;
+            ring.get(&geometry, geometry.advance(read, first), rest)?;
+        }
+        ring.consume(&NextPacket {
+            descriptor,
+            start: read,
+            len,
+        });
+        Ok(len)
+    }
+
+    /// Consumes the next packet of the batch without copying it (e.g. one too large to
+    /// read); returns its length, or `None` once the batch is done.
+    pub fn skip(&mut self) -> Result<Option<usize>, RingError> {
+        let ring = self.ring;
+        let end = self.end;
+        ring.with_incoming(|| {
+            let Some(next) = ring.next_packet(end)? else {
+                return Ok(None);
+            };
+            ring.consume(&next);
+            Ok(Some(next.len))
+        })
+    }
+}
+
+/// Like [`IncomingBatch`], but reading in bulk: [`next`](Self::next) copies up to
+/// `window` bytes of packets out of the ring at once into the caller's buffer and hands
+/// them over one by one from that private copy, so that a poll handling dozens of small
+/// packets (completions, receive indications) makes one copy out of shared memory per
+/// window instead of one or two per packet. Every descriptor is checked in the copy
+/// exactly as [`IncomingBatch::read_packet`] checks it, and only the copy is used. Made
+/// by [`RingPair::begin_read_windowed`]; publish the space with
+/// [`RingPair::read_done`] afterwards.
+#[derive(Debug)]
+pub struct WindowedBatch<'r, 'b> {
+    ring: &'r RingPair,
+    /// The host's `write_index` at the start of the batch.
+    end: usize,
+    buf: &'b mut Vec<u8>,
+    /// Bytes copied per refill (at least one small packet).
+    window: usize,
+    /// Ring position of `buf[0]`.
+    have_start: usize,
+    /// Bytes of `buf` that hold ring bytes.
+    have: usize,
+}
+
+impl WindowedBatch<'_, '_> {
+    /// Whether every packet of the snapshot was consumed.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.ring.inc.read.get() == self.end
+    }
+
+    /// Consumes the next packet of the batch and hands it over parsed
+    /// ([`Incoming::Packet`]), rejected by the parser ([`Incoming::Malformed`]) or, if
+    /// it is longer than `max_packet`, unread ([`Incoming::TooLong`]); `None` once the
+    /// batch is done.
+    #[inline]
+    pub fn next(&mut self, max_packet: usize) -> Result<Option<Incoming<'_>>, RingError> {
+        let ring = self.ring;
+        ring.inc.check()?;
+        match self.next_inner(max_packet) {
+            Ok(Some((Some(at), len))) => match self.buf.get(at..at + len) {
+                Some(bytes) => Ok(Some(match Packet::parse(bytes) {
+                    Ok(packet) => Incoming::Packet(packet),
+                    Err(e) => Incoming::Malformed(e),
+                })),
+                None => Ok(Some(Incoming::TooLong(len))),
+            },
+            Ok(Some((None, len))) => Ok(Some(Incoming::TooLong(len))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(ring.inc.fail(e)),
+        }
+    }
+
+    /// Finds, checks and consumes the next packet; returns where it lies in `buf` and its
+    /// length (a packet longer than `max_packet` is consumed unread: no place).
+    #[inline]
+    fn next_inner(
+        &mut self,
+        max_packet: usize,
+    ) -> Result<Option<(Option<usize>, usize)>, RingError> {
+        let ring = self.ring;
+        let geometry = ring.in_ring;
+        // Whether the copy was just taken to hold the whole packet at the read position
+        // (as long as its descriptor said when the copy was taken).
+        let mut sized_for_packet = false;
+        loop {
+            let pos = ring.inc.read.get();
+            if pos == self.end {
+                return Ok(None);
+            }
+            let available = geometry.distance(pos, self.end);
+            if available < MIN_RING_PACKET {
+                return Err(RingError::PacketPastWriteIndex {
+                    needed: MIN_RING_PACKET,
+                    available,
+                });
+            }
+            let at = geometry.distance(self.have_start, pos);
+            if at + PACKET_DESCRIPTOR_SIZE > self.have {
+                self.refill(pos, available.min(self.window))?;
+                continue;
+            }
+            let (descriptor, _) = VmPacketDescriptor::read_from_prefix(&self.buf[at..self.have])
+                .map_err(|_| out_of_ring(at, PACKET_DESCRIPTOR_SIZE))?;
+            let len = ring.check_descriptor(&descriptor, available)?;
+            let next = NextPacket {
+                descriptor,
+                start: pos,
+                len,
+            };
+            if len > max_packet {
+                ring.consume(&next);
+                return Ok(Some((None, len)));
+            }
+            if at + len > self.have {
+                if sized_for_packet {
+                    // The copy was taken to hold this very packet, and its descriptor
+                    // (read from that copy) now claims more: the host rewrote it.
+                    return Err(RingError::BadDescriptor {
+                        offset8: descriptor.offset8.get(),
+                        len8: descriptor.len8.get(),
+                    });
+                }
+                // `len` and its trailer fit `available`, so the copy holds the packet.
+                self.refill(pos, available.min(self.window.max(len)))?;
+                sized_for_packet = true;
+                continue;
+            }
+            ring.consume(&next);
+            return Ok(Some((Some(at), len)));
+        }
+    }
+
+    /// Copies `n` ring bytes from `pos` to the start of `buf`.
+    fn refill(&mut self, pos: usize, n: usize) -> Result<(), RingError> {
+        if self.buf.len() < n {
+            self.buf.resize(n, 0);
+        }
+        self.ring.get(&self.ring.in_ring, pos, &mut self.buf[..n])?;
+        self.have_start = pos;
+        self.have = n;
+        Ok(())
+    }
+}
+
+/// One packet [`WindowedBatch::next`] consumed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Incoming<'a> {
+    /// A packet [`Packet::parse`] accepted.
+    Packet(Packet<'a>),
+    /// A well-framed packet the parser rejected.
+    Malformed(WireError),
+    /// A packet longer than the caller's limit (its length), not read.
+    TooLong(usize),
+}
+
+/// Parses the first `len` bytes of `buf`, a packet just copied out of the ring.
+#[inline]
+fn parse_copied(buf: &[u8], len: usize) -> Result<Option<Packet<'_>>, RingError> {
+    let bytes = buf
+        .get(..len)
+        .ok_or(RingError::BufferTooSmall { needed: len })?;
+    Packet::parse(bytes).map(Some).map_err(RingError::BadPacket)
 }
 
 fn out_of_ring(offset: usize, len: usize) -> RingError {

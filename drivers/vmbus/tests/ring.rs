@@ -9,7 +9,10 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use hvnet_vmbus::memory::{MemoryError, SharedBuffer, PAGE_SIZE};
-use hvnet_vmbus::ring::{OutgoingKind, OutgoingPacket, RingError, RingPair, RingStats};
+use hvnet_vmbus::ring::{
+    Incoming, OutgoingKind, OutgoingPacket, PreparedPacket, RingError, RingPair, RingStats,
+    WriteResult,
+};
 use hvnet_wire::ring::{
     encode_completion, encode_gpa_direct, encode_inband, encode_xfer_pages, Packet, PacketKind,
     VmPacketType, VmTransferPageRange, RING_FEATURE_BITS_OFFSET, RING_INTERRUPT_MASK_OFFSET,
@@ -981,6 +984,191 @@ fn bad_outgoing_read_index() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Batches: staged writes, prepared packets, read snapshots and windows.
+
+#[test]
+fn staged_packets_publish_once_and_signal_once() {
+    let (ring, host, _) = setup(2, 2);
+    for i in 0..5 {
+        ring.stage(&OutgoingPacket::completion(i, &[&[i as u8; 8]]))
+            .unwrap();
+    }
+    assert!(ring.has_unpublished());
+    assert_eq!(
+        host.get(host.rx, RING_WRITE_INDEX_OFFSET),
+        0,
+        "nothing published yet"
+    );
+    assert_eq!(host.receive(), None);
+    assert_eq!(ring.publish(), Ok(WriteResult { signal: true }));
+    assert!(!ring.has_unpublished());
+    assert_eq!(
+        ring.publish(),
+        Ok(WriteResult { signal: false }),
+        "nothing new"
+    );
+    for i in 0..5 {
+        let p = host.receive().unwrap();
+        let p = Packet::parse(&p).unwrap();
+        assert_eq!((p.kind, p.trans_id()), (PacketKind::Completion, i));
+    }
+    // The host still has an unread packet: the next batch needs no signal.
+    ring.stage(&OutgoingPacket::completion(9, &[])).unwrap();
+    assert!(ring.publish().unwrap().signal, "host had read everything");
+    ring.stage(&OutgoingPacket::completion(10, &[])).unwrap();
+    assert!(!ring.publish().unwrap().signal, "host has not caught up");
+    // A masked host is not signalled.
+    host.receive().unwrap();
+    host.receive().unwrap();
+    host.set(host.rx, RING_INTERRUPT_MASK_OFFSET, 1);
+    ring.stage(&OutgoingPacket::completion(11, &[])).unwrap();
+    assert!(!ring.publish().unwrap().signal);
+    assert_eq!(ring.outgoing_stats().signals, 2);
+    assert_eq!(ring.outgoing_stats().packets, 8);
+}
+
+#[test]
+fn prepared_packets_and_batches() {
+    let (ring, host, _) = setup(2, 2);
+    let mut p = PreparedPacket::new(&OutgoingPacket::inband(0, true, &[&[1, 2, 3]])).unwrap();
+    assert_eq!(p.ring_len(), 32);
+    for i in 0..3u8 {
+        p.set_trans_id(100 + u64::from(i));
+        p.payload_mut()[0] = i;
+        assert!(ring.try_write_prepared(&mut p).is_ok());
+        let bytes = host.receive().unwrap();
+        let got = Packet::parse(&bytes).unwrap();
+        assert_eq!(got.trans_id(), 100 + u64::from(i));
+        assert!(got.descriptor.completion_requested());
+        assert_eq!(&got.payload[..3], &[i, 2, 3]);
+    }
+    // A packet larger than PREPARED_MAX is refused.
+    assert!(matches!(
+        PreparedPacket::new(&OutgoingPacket::inband(0, false, &[&[0; 64]])),
+        Err(RingError::OutgoingTooLarge { .. })
+    ));
+    // Batches: as many as fit, in one go, each with its id; the ring wraps inside.
+    let template = PreparedPacket::new(&OutgoingPacket::completion(0, &[&[7; 8]])).unwrap();
+    let ids: Vec<u64> = (0..200).collect();
+    let mut sent = 0usize;
+    while sent < ids.len() {
+        let n = match ring.stage_prepared_batch(&template, &ids[sent..]) {
+            Ok(n) => n,
+            Err(RingError::Full { needed: 32 }) => 0,
+            Err(e) => panic!("{e:?}"),
+        };
+        let _ = ring.publish().unwrap();
+        let mut got = 0;
+        while let Some(bytes) = host.receive() {
+            let p = Packet::parse(&bytes).unwrap();
+            assert_eq!(p.trans_id(), ids[sent + got]);
+            assert_eq!(p.payload, &[7; 8]);
+            got += 1;
+        }
+        assert_eq!(got, n);
+        sent += n;
+        assert!(n <= 4088 / 32);
+    }
+    assert_eq!(ring.outgoing_failure(), None);
+}
+
+#[test]
+fn a_batch_reads_up_to_its_snapshot() {
+    let (ring, host, _) = setup(2, 2);
+    for i in 0..3 {
+        assert!(host.send_inband(i, false, &[i as u8; 12]));
+    }
+    let mut batch = ring.begin_read().unwrap();
+    // Written after the snapshot: left for the next batch.
+    assert!(host.send_inband(3, false, &[3; 12]));
+    let mut buf = [0u8; 64];
+    for i in 0..3 {
+        assert_eq!(batch.read_packet(&mut buf).unwrap().unwrap().trans_id(), i);
+    }
+    assert_eq!(batch.read_packet(&mut buf), Ok(None));
+    assert!(batch.is_empty());
+    assert_eq!(ring.read_done(), Ok(false));
+    let mut batch = ring.begin_read().unwrap();
+    assert_eq!(batch.read_packet(&mut buf).unwrap().unwrap().trans_id(), 3);
+    assert_eq!(batch.read_packet(&mut buf), Ok(None));
+    // A too-small buffer consumes nothing.
+    assert!(host.send_inband(4, false, &[4; 100]));
+    let mut batch = ring.begin_read().unwrap();
+    let mut small = [0u8; 40];
+    assert_eq!(
+        batch.read_packet(&mut small),
+        Err(RingError::BufferTooSmall { needed: 120 })
+    );
+    assert_eq!(batch.skip(), Ok(Some(120)));
+    assert_eq!(ring.incoming_failure(), None);
+}
+
+#[test]
+fn windowed_batches_read_everything_in_order() {
+    let (ring, host, _) = setup(2, 2);
+    let mut buf = Vec::new();
+    let (mut sent, mut got) = (0u64, 0u64);
+    for round in 0..300usize {
+        let len = (round * 53) % 300;
+        if host.send_inband(sent, false, &vec![(sent % 255 + 1) as u8; len]) {
+            sent += 1;
+        }
+        if round % 3 == 2 {
+            // Windows from tiny to larger than the ring, packets across the end.
+            let window = [24, 100, 500, 1 << 20][round % 4];
+            let mut batch = ring.begin_read_windowed(&mut buf, window).unwrap();
+            while let Some(incoming) = batch.next(usize::MAX).unwrap() {
+                let Incoming::Packet(p) = incoming else {
+                    panic!("{incoming:?}")
+                };
+                assert_eq!(p.trans_id(), got);
+                // The payload, then zero padding.
+                let fill = (got % 255 + 1) as u8;
+                assert!(p.payload.iter().all(|&b| b == fill || b == 0));
+                got += 1;
+            }
+            ring.read_done().unwrap();
+        }
+    }
+    assert!(got > 150 && got + 3 >= sent, "{got} of {sent}");
+    // Packets above the caller's limit are consumed unread; malformed ones reported.
+    assert!(host.send_inband(1, false, &[0; 200]));
+    let mut pkt = [0u8; 32];
+    encode_inband(&mut pkt, 2, false, &[0; 16]).unwrap();
+    pkt[0] = 8; // unsupported type
+    assert!(host.send(&pkt));
+    assert!(host.send_inband(3, false, &[1; 8]));
+    let mut batch = ring.begin_read_windowed(&mut buf, 64).unwrap();
+    assert_eq!(batch.next(100), Ok(Some(Incoming::TooLong(216))));
+    assert_eq!(
+        batch.next(100),
+        Ok(Some(Incoming::Malformed(WireError::Unsupported(8))))
+    );
+    assert!(matches!(batch.next(100), Ok(Some(Incoming::Packet(p))) if p.trans_id() == 3));
+    assert_eq!(batch.next(100), Ok(None));
+    assert_eq!(ring.incoming_failure(), None);
+}
+
+#[test]
+fn windowed_batch_uses_only_its_copy() {
+    // The host grows a descriptor's len8 right after the guest copied a window that
+    // held only part of the packet: the refreshed copy says more than was announced.
+    let (ring, host, mem) = setup(2, 2);
+    assert!(host.send_inband(1, false, &[0x11; 64]));
+    let data = host.tx.data;
+    *mem.after_read.borrow_mut() = Some(Box::new(move |offset, bytes: &mut [u8]| {
+        if offset == data {
+            bytes[data + 4] = 0x40; // len8: 512 bytes, 88 announced
+        }
+    }));
+    let mut buf = Vec::new();
+    let mut batch = ring.begin_read_windowed(&mut buf, 24).unwrap();
+    let e = batch.next(usize::MAX).unwrap_err();
+    assert!(e.is_corruption(), "{e:?}");
+    assert_eq!(ring.incoming_failure(), Some(e));
+}
+
+// ---------------------------------------------------------------------------------------
 // Random hosts.
 
 /// Every host-writable word of both control pages and the incoming data area get random
@@ -1016,7 +1204,7 @@ fn hostile_round(seed_words: &[(u8, u32)], data: &[(u16, u8)], ops: &[u8]) {
                 mem.bytes.borrow_mut()[pos] = b;
             }
         }
-        let _ = match op % 8 {
+        let _ = match op % 12 {
             0 => ring.read(&mut buf).map(|_| ()),
             1 => ring.peek(&mut buf[..64]).map(|_| ()),
             2 => ring.advance().map(|_| ()),
@@ -1024,7 +1212,25 @@ fn hostile_round(seed_words: &[(u8, u32)], data: &[(u16, u8)], ops: &[u8]) {
             4 => ring.read_done().map(|_| ()),
             5 => ring.unmask_and_check().map(|_| ()),
             6 => write_inband(&ring, 1, &buf[..(*op as usize * 13) % 3000]).map(|_| ()),
-            _ => ring.outgoing_free().map(|_| ()),
+            7 => ring.outgoing_free().map(|_| ()),
+            8 => ring.begin_read().and_then(|mut b| {
+                while b.read_packet(&mut buf)?.is_some() {}
+                Ok(())
+            }),
+            9 => {
+                let mut window = Vec::new();
+                ring.begin_read_windowed(&mut window, *op as usize * 7)
+                    .and_then(|mut b| {
+                        while b.next(2048)?.is_some() {}
+                        Ok(())
+                    })
+            }
+            10 => ring
+                .stage(&OutgoingPacket::completion(1, &[&buf[..*op as usize % 64]]))
+                .and_then(|_| ring.publish().map(|_| ())),
+            _ => PreparedPacket::new(&OutgoingPacket::completion(0, &[&[1; 8]]))
+                .and_then(|t| ring.stage_prepared_batch(&t, &[1, 2, 3]))
+                .and_then(|_| ring.publish().map(|_| ())),
         };
     }
 }

@@ -715,6 +715,23 @@ impl<'a> NvspMessage<'a> {
     }
 }
 
+/// Decodes a message that must be of type `expected` with the fixed body `T`, without
+/// going through [`NvspMessage::parse`]: the data path's shortcut for the two messages it
+/// sees per packet (SEND_RNDIS_PKT in a receive indication, SEND_RNDIS_PKT_COMPLETE in a
+/// send completion). The checks are the ones `parse` makes for that type: a 4-byte header
+/// and a body of at least `size_of::<T>()` bytes ([`WireError::Truncated`]); any other
+/// type is [`WireError::UnknownType`] (here: not the type expected). Trailing bytes are
+/// ignored.
+pub fn parse_fixed<T: FromBytes>(bytes: &[u8], expected: NvspMessageType) -> Result<T, WireError> {
+    let (header, rest) =
+        NvspMessageHeader::read_from_prefix(bytes).map_err(|_| WireError::Truncated)?;
+    let t = header.msg_type.get();
+    if t != expected.0 {
+        return Err(WireError::UnknownType(t));
+    }
+    body(rest)
+}
+
 /// An encoded NVSP message kept inline.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct NvspBuf {
@@ -756,6 +773,37 @@ mod tests {
     // shared/reference/wire-layouts.md section 4. Bodies exclude the 4-byte header, so the
     // "Abs." column is checked as H + offset.
     const H: usize = NVSP_HEADER_SIZE;
+
+    #[test]
+    fn parse_fixed_matches_the_general_decoder() {
+        let msg = NvspMessage::SendRndisPacketComplete(SendRndisPacketComplete {
+            status: NvspStatus::FAIL.0.into(),
+        });
+        let mut buf = [0u8; 40];
+        let n = msg.encode_into(&mut buf).unwrap();
+        assert_eq!(n, 8);
+        for len in [8, 28, 40] {
+            let got: SendRndisPacketComplete =
+                parse_fixed(&buf[..len], NvspMessageType::SEND_RNDIS_PKT_COMPLETE).unwrap();
+            assert_eq!(got.status.get(), NvspStatus::FAIL.0);
+        }
+        for len in 0..8 {
+            assert_eq!(
+                parse_fixed::<SendRndisPacketComplete>(
+                    &buf[..len],
+                    NvspMessageType::SEND_RNDIS_PKT_COMPLETE
+                ),
+                Err(WireError::Truncated),
+                "{len}"
+            );
+        }
+        assert_eq!(
+            parse_fixed::<SendRndisPacket>(&buf, NvspMessageType::SEND_RNDIS_PKT),
+            Err(WireError::UnknownType(
+                NvspMessageType::SEND_RNDIS_PKT_COMPLETE.0
+            ))
+        );
+    }
 
     #[test]
     fn header_and_init_layouts() {

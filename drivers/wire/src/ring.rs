@@ -297,6 +297,7 @@ impl<'a> Packet<'a> {
     /// pages the ranges must end at or before the payload (Linux's check); for GPA
     /// direct there must be at least one range and all ranges must end at or before the
     /// payload.
+    #[inline]
     pub fn parse(bytes: &'a [u8]) -> Result<Self, WireError> {
         let (descriptor, _) =
             VmPacketDescriptor::read_from_prefix(bytes).map_err(|_| WireError::Truncated)?;

@@ -681,8 +681,9 @@ impl<'a> PpiList<'a> {
     }
 }
 
+#[inline]
 fn split_ppi(bytes: &[u8]) -> Result<(Ppi<'_>, &[u8]), WireError> {
-    let (hdr, _) = PerPacketInfo::read_from_prefix(bytes).map_err(|_| WireError::BadLength)?;
+    let (hdr, _) = PerPacketInfo::ref_from_prefix(bytes).map_err(|_| WireError::BadLength)?;
     let size = usize::try_from(hdr.size.get()).map_err(|_| WireError::BadLength)?;
     if size < PPI_HEADER_SIZE {
         return Err(WireError::BadLength);
@@ -793,6 +794,99 @@ impl<'a> RndisPacketMsg<'a> {
     fn ppi_u32(&self, t: PpiType) -> Option<u32> {
         let data = self.ppis.find(t)?;
         U32::read_from_prefix(data).ok().map(|(v, _)| v.get())
+    }
+}
+
+/// A PACKET message checked for a receive path in one pass: where the frame lies in
+/// the message, and the per-packet info a NIC driver acts on.
+///
+/// [`PacketView::parse`] makes exactly the checks [`RndisMessage::parse`] makes for a
+/// PACKET (header length, fixed body, frame and PPI regions inside the body, every PPI
+/// entry well formed), walking the PPI list once and keeping the entries it knows, so a
+/// driver does not decode the message into the general enum and then search the list
+/// again per PPI type. One check is added: an IEEE 802.1Q PPI whose data is shorter than
+/// its 4-byte value is [`WireError::BadLength`] (a driver would otherwise lose the tag
+/// without noticing).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PacketView {
+    /// Offset of the frame from the start of the message (RNDIS header included); at
+    /// least [`RNDIS_HEADER_SIZE`] + 36.
+    pub data_start: usize,
+    /// Length of the frame.
+    pub data_len: usize,
+    /// The first public IEEE 802.1Q PPI.
+    pub vlan: Option<Ndis8021qInfo>,
+    /// The first public checksum PPI (if at least 4 bytes).
+    pub checksum: Option<NdisTcpIpChecksumInfo>,
+    /// The first public RSS hash value PPI (if at least 4 bytes).
+    pub hash_value: Option<u32>,
+}
+
+impl PacketView {
+    /// Checks the message at the start of `bytes`: `Ok(None)` if it is not a PACKET
+    /// (decode it with [`RndisMessage::parse`]), the view if it is a valid one.
+    #[inline]
+    pub fn parse(bytes: &[u8]) -> Result<Option<Self>, WireError> {
+        // References into `bytes` (the structs have alignment 1), not copies.
+        let (header, _) = RndisHeader::ref_from_prefix(bytes).map_err(|_| WireError::Truncated)?;
+        if header.ndis_msg_type.get() != RndisMessageType::PACKET.0 {
+            return Ok(None);
+        }
+        let len = usize::try_from(header.msg_len.get()).map_err(|_| WireError::BadLength)?;
+        if len < RNDIS_HEADER_SIZE {
+            return Err(WireError::BadLength);
+        }
+        let body = bytes
+            .get(RNDIS_HEADER_SIZE..len)
+            .ok_or(WireError::BadLength)?;
+        let (p, _) = RndisPacket::ref_from_prefix(body).map_err(|_| WireError::Truncated)?;
+        let fixed = size_of::<RndisPacket>();
+        let data = region(body, p.data_offset.get(), p.data_len.get(), fixed, true)?;
+        let mut view = PacketView {
+            // `region` checked the offset against the body, which is smaller than a
+            // usize can count.
+            data_start: RNDIS_HEADER_SIZE + p.data_offset.get() as usize,
+            data_len: data.len(),
+            ..PacketView::default()
+        };
+        if p.per_pkt_info_len.get() == 0 {
+            return Ok(Some(view));
+        }
+        let mut rest = region(
+            body,
+            p.per_pkt_info_offset.get(),
+            p.per_pkt_info_len.get(),
+            fixed,
+            false,
+        )?;
+        while !rest.is_empty() {
+            let (ppi, next) = split_ppi(rest)?;
+            rest = next;
+            if ppi.internal {
+                continue;
+            }
+            match ppi.ppi_type {
+                PpiType::IEEE_8021Q_INFO if view.vlan.is_none() => {
+                    let value = ppi.data_u32().ok_or(WireError::BadLength)?;
+                    view.vlan = Some(Ndis8021qInfo(value));
+                }
+                PpiType::TCPIP_CHKSUM_PKTINFO if view.checksum.is_none() => {
+                    view.checksum = ppi.data_u32().map(NdisTcpIpChecksumInfo);
+                }
+                PpiType::NBL_HASH_VALUE if view.hash_value.is_none() => {
+                    view.hash_value = ppi.data_u32();
+                }
+                _ => {}
+            }
+        }
+        Ok(Some(view))
+    }
+
+    /// The frame inside `bytes`, the message this view was parsed from.
+    pub fn frame<'a>(&self, bytes: &'a [u8]) -> &'a [u8] {
+        bytes
+            .get(self.data_start..self.data_start + self.data_len)
+            .unwrap_or(&[])
     }
 }
 
@@ -2118,6 +2212,51 @@ mod tests {
         );
     }
 
+    #[test]
+    fn packet_view_matches_the_decoder() {
+        let bytes = rx_packet_fixture();
+        let v = PacketView::parse(&bytes).unwrap().unwrap();
+        let RndisMessage::Packet(p) = RndisMessage::parse(&bytes).unwrap() else {
+            panic!()
+        };
+        assert_eq!(v.frame(&bytes), p.data);
+        assert_eq!(v.data_start, 8 + 36 + 48);
+        assert_eq!(v.vlan, p.vlan());
+        assert_eq!(v.checksum, p.checksum_info());
+        assert_eq!(v.hash_value, p.hash_value());
+        // Not a PACKET: left to the general decoder.
+        let ka = [8u8, 0, 0, 0, 16, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(PacketView::parse(&ka), Ok(None));
+        assert_eq!(PacketView::parse(&[1, 0]), Err(WireError::Truncated));
+        // A VLAN PPI carrying 2 bytes: the decoder ignores it, the view refuses it.
+        let mut short_msg = Vec::new();
+        for w in [
+            1u32,
+            8 + 36 + 14 + 20,
+            36 + 14,
+            20,
+            0,
+            0,
+            0,
+            36,
+            14,
+            0,
+            0,
+            14,
+            6,
+            12,
+        ] {
+            short_msg.extend_from_slice(&w.to_le_bytes());
+        }
+        short_msg.extend_from_slice(&[0x45, 0x06]);
+        short_msg.extend_from_slice(&[7; 20]);
+        let RndisMessage::Packet(p) = RndisMessage::parse(&short_msg).unwrap() else {
+            panic!()
+        };
+        assert_eq!(p.vlan(), None);
+        assert_eq!(PacketView::parse(&short_msg), Err(WireError::BadLength));
+    }
+
     proptest! {
         #[test]
         fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
@@ -2136,6 +2275,43 @@ mod tests {
                 let mut out2 = [0u8; 512];
                 let n2 = m2.encode(&mut out2).unwrap();
                 prop_assert_eq!(&out[..n], &out2[..n2]);
+            }
+        }
+
+        /// The one-pass view accepts exactly the PACKETs the decoder accepts (but for a
+        /// short VLAN PPI) and finds the same frame and PPIs.
+        #[test]
+        fn packet_view_agrees_with_the_decoder(
+            body in proptest::collection::vec(any::<u8>(), 36..160),
+            words in proptest::collection::vec((0usize..40, 0u32..200), 0..8),
+        ) {
+            let mut bytes = 1u32.to_le_bytes().to_vec();
+            bytes.extend_from_slice(&(8 + body.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&body);
+            // Plausible offsets and sizes so that the deeper checks are reached.
+            for (at, v) in words {
+                let at = 8 + (at * 4) % (bytes.len() - 8 - 3);
+                bytes[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            }
+            let slow = RndisMessage::parse(&bytes);
+            let fast = PacketView::parse(&bytes);
+            match (slow, fast) {
+                (Ok(RndisMessage::Packet(p)), Ok(Some(v))) => {
+                    prop_assert_eq!(v.frame(&bytes), p.data);
+                    prop_assert_eq!(v.vlan, p.vlan());
+                    prop_assert_eq!(v.checksum, p.checksum_info());
+                    prop_assert_eq!(v.hash_value, p.hash_value());
+                }
+                (Ok(RndisMessage::Packet(p)), Err(WireError::BadLength)) => {
+                    let short = p
+                        .ppis
+                        .iter()
+                        .find(|x| !x.internal && x.ppi_type == PpiType::IEEE_8021Q_INFO)
+                        .is_some_and(|x| x.data.len() < 4);
+                    prop_assert!(short, "view refused a good packet");
+                }
+                (Err(a), Err(b)) => prop_assert_eq!(a, b),
+                (a, b) => prop_assert!(false, "decoder {:?}, view {:?}", a, b),
             }
         }
 

@@ -17,10 +17,13 @@ use hvnet_wire::nvsp::{
     VRSS_SEND_TAB_SIZE,
 };
 use hvnet_wire::rndis::{
-    encode_packet, Ppi, PpiType, RndisMessage, NDIS_PACKET_TYPE_ALL_MULTICAST,
+    encode_packet, Ndis8021qInfo, Ppi, PpiType, RndisMessage, NDIS_PACKET_TYPE_ALL_MULTICAST,
     NDIS_PACKET_TYPE_BROADCAST, NDIS_PACKET_TYPE_DIRECTED, NDIS_PACKET_TYPE_MULTICAST,
     NDIS_PACKET_TYPE_PROMISCUOUS, RNDIS_HEADER_SIZE,
 };
+
+use hvnet_wire::U32;
+use zerocopy::FromBytes;
 
 use super::buffers::{GuestBuf, SectionAllocator, SectionUse};
 use super::nvsp;
@@ -65,8 +68,13 @@ enum Outgoing {
 
 #[derive(Debug)]
 enum RxItem {
-    /// A frame for the guest, with its RSS hash.
-    Frame { data: Vec<u8>, hash: Option<u32> },
+    /// A frame for the guest (its 802.1Q tag, if any, taken out), with its RSS hash and
+    /// the tag control word to indicate in a VLAN PPI.
+    Frame {
+        data: Vec<u8>,
+        hash: Option<u32>,
+        vlan: Option<u16>,
+    },
     /// An encoded RNDIS control message (completion or indication).
     Control(Vec<u8>),
     /// Fault injection: bytes indicated as they are.
@@ -130,6 +138,9 @@ struct Counters {
     indirection_tables_sent: u64,
     primary_opens: u64,
     rescinds_triggered: u64,
+    vlan_rx: u64,
+    vlan_tx: u64,
+    vlan_drops: u64,
     errors: VecDeque<String>,
 }
 
@@ -226,10 +237,23 @@ impl Inner {
             .push_back(Outgoing::Completion { trans_id, payload });
     }
 
-    /// Largest frame accepted in either direction: the MTU plus the Ethernet header and
-    /// one VLAN tag.
-    fn max_frame(&self) -> usize {
-        self.config.mtu as usize + ETH_HEADER + VLAN_TAG
+    /// The IP MTU in effect: the one the guest asked for in SEND_NDIS_CONFIG (its frame
+    /// MTU less the Ethernet header), at most the port's [`NetvspConfig::mtu`]; the
+    /// port's without a usable NDIS config.
+    pub(crate) fn mtu(&self) -> u32 {
+        match self.ndis_config.map(|c| c.0) {
+            Some(frame) if frame >= nvsp::MIN_FRAME_MTU => {
+                (frame - ETH_HEADER as u32).min(self.config.mtu)
+            }
+            _ => self.config.mtu,
+        }
+    }
+
+    /// Largest frame accepted in either direction: the MTU in effect plus the Ethernet
+    /// header, and one 802.1Q tag if the frame carries one.
+    fn max_frame(&self, frame: &[u8]) -> usize {
+        let tag = if is_tagged(frame) { VLAN_TAG } else { 0 };
+        self.mtu() as usize + ETH_HEADER + tag
     }
 
     fn env(&self) -> ControlEnv {
@@ -811,7 +835,16 @@ impl Inner {
             match msg {
                 RndisMessage::Packet(pk) => {
                     s.data += 1;
-                    self.transmit(q, pk.data);
+                    match pk.ppis.find(PpiType::IEEE_8021Q_INFO) {
+                        None => self.transmit(q, pk.data, None),
+                        Some(data) => match U32::read_from_prefix(data) {
+                            Ok((v, _)) => self.transmit(q, pk.data, Some(Ndis8021qInfo(v.get()))),
+                            Err(_) => self.bad(
+                                q,
+                                format!("VLAN PPI of {} bytes in a guest send", data.len()),
+                            ),
+                        },
+                    }
                 }
                 other => {
                     s.control += 1;
@@ -841,7 +874,8 @@ impl Inner {
         (status, s)
     }
 
-    fn transmit(&mut self, q: u16, frame: &[u8]) {
+    /// A frame the guest sent; a VLAN PPI puts its tag back into the frame handed on.
+    fn transmit(&mut self, q: u16, frame: &[u8], vlan: Option<Ndis8021qInfo>) {
         if !self.rndis.initialized {
             self.bad(q, "RNDIS PACKET before INITIALIZE (or after HALT)");
             return;
@@ -850,18 +884,40 @@ impl Inner {
             self.bad(q, format!("transmitted runt of {} bytes", frame.len()));
             return;
         }
-        if frame.len() > self.max_frame() {
+        if frame.len() > self.max_frame(frame) {
             self.bad(q, format!("transmitted frame of {} bytes", frame.len()));
             return;
+        }
+        if let (Some(tag), Some(port)) = (vlan, self.config.port_vlan) {
+            if tag.vlan_id() != port & 0xFFF {
+                self.counters.vlan_drops += 1;
+                log::debug!(
+                    "netvsp: queue {q}: frame for VLAN {} on port VLAN {port} dropped",
+                    tag.vlan_id()
+                );
+                return;
+            }
         }
         let queue = self.queue(q);
         queue.stats.tx_frames += 1;
         queue.stats.tx_bytes += frame.len() as u64;
         if self.from_guest.len() >= self.config.from_guest_limit {
             self.counters.from_guest_drops += 1;
-        } else {
-            self.from_guest.push_back(frame.to_vec());
+            return;
         }
+        let out = match vlan {
+            None => frame.to_vec(),
+            Some(tag) => {
+                self.counters.vlan_tx += 1;
+                let tci = tag.tci().to_be_bytes();
+                let mut v = Vec::with_capacity(frame.len() + VLAN_TAG);
+                v.extend_from_slice(&frame[..12]);
+                v.extend_from_slice(&[0x81, 0x00, tci[0], tci[1]]);
+                v.extend_from_slice(&frame[12..]);
+                v
+            }
+        };
+        self.from_guest.push_back(out);
     }
 
     fn control(&mut self, q: u16, msg: &RndisMessage<'_>) {
@@ -1019,11 +1075,13 @@ impl Inner {
             };
             let usable = nvsp::usable_section_bytes(section_size) as usize;
             let (bytes, channel_type) = match &item {
-                RxItem::Frame { data, hash } => {
+                RxItem::Frame { data, hash, vlan } => {
                     let h = hash.map(u32::to_le_bytes);
+                    let v = vlan.map(|tci| Ndis8021qInfo::from_tci(tci).0.to_le_bytes());
                     let ppis: Vec<Ppi<'_>> = h
                         .iter()
                         .map(|b| Ppi::new(PpiType::NBL_HASH_VALUE, b))
+                        .chain(v.iter().map(|b| Ppi::new(PpiType::IEEE_8021Q_INFO, b)))
                         .collect();
                     let mut buf = vec![0u8; usable];
                     match encode_packet(&mut buf, &ppis, data) {
@@ -1163,7 +1221,7 @@ impl Inner {
         let verdict = if frame.len() < ETH_HEADER {
             self.counters.runt_drops += 1;
             RxVerdict::Runt
-        } else if frame.len() > self.max_frame() {
+        } else if frame.len() > self.max_frame(frame) {
             self.counters.oversize_drops += 1;
             RxVerdict::TooLong
         } else if !self.config.link_up {
@@ -1183,11 +1241,19 @@ impl Inner {
             self.counters.backlog_drops += 1;
             RxVerdict::BacklogFull
         } else {
-            let (q, hash) = self.classify(frame);
-            self.queue(q).frames.push_back(RxItem::Frame {
-                data: frame.to_vec(),
-                hash,
-            });
+            // Hyper-V hands 802.1Q tags to the guest out of band: the tag leaves the frame
+            // for a VLAN PPI; an untagged frame on a port VLAN gets that VLAN's PPI.
+            let (data, vlan) = match split_vlan_tag(frame) {
+                Some((untagged, tci)) => (untagged, Some(tci)),
+                None => (frame.to_vec(), self.config.port_vlan.map(|id| id & 0xFFF)),
+            };
+            if vlan.is_some() {
+                self.counters.vlan_rx += 1;
+            }
+            let (q, hash) = self.classify(&data);
+            self.queue(q)
+                .frames
+                .push_back(RxItem::Frame { data, hash, vlan });
             self.frames_queued += 1;
             RxVerdict::Queued(q)
         };
@@ -1249,6 +1315,7 @@ impl Inner {
             nvsp_version: self.version.map(|v| v.0),
             ndis_version: self.ndis_version,
             ndis_config_mtu: self.ndis_config.map(|c| c.0),
+            mtu: self.mtu(),
             ndis_capabilities: self.ndis_config.map(|c| c.1),
             recv_buffer: self.recv.as_ref().map(|r| BufferInfo {
                 gpadl: r.gpadl,
@@ -1324,7 +1391,29 @@ impl Inner {
             indirection_tables_sent: c.indirection_tables_sent,
             primary_opens: c.primary_opens,
             rescinds_triggered: c.rescinds_triggered,
+            vlan_rx: c.vlan_rx,
+            vlan_tx: c.vlan_tx,
+            vlan_drops: c.vlan_drops,
             errors: c.errors.iter().cloned().collect(),
         }
     }
+}
+
+/// Whether `frame` carries an 802.1Q tag (TPID 0x8100 and a full tag before the
+/// ethertype).
+fn is_tagged(frame: &[u8]) -> bool {
+    frame.len() >= ETH_HEADER + VLAN_TAG && frame[12..14] == [0x81, 0x00]
+}
+
+/// A tagged frame (see [`is_tagged`]): the frame without the tag, and the tag control
+/// word.
+fn split_vlan_tag(frame: &[u8]) -> Option<(Vec<u8>, u16)> {
+    if !is_tagged(frame) {
+        return None;
+    }
+    let tci = u16::from_be_bytes([frame[14], frame[15]]);
+    let mut untagged = Vec::with_capacity(frame.len() - VLAN_TAG);
+    untagged.extend_from_slice(&frame[..12]);
+    untagged.extend_from_slice(&frame[16..]);
+    Some((untagged, tci))
 }

@@ -31,8 +31,12 @@
 //!    version. Only 2, 0x30002, 0x40000, 0x50000, 0x60000, 0x60001 are known. Nothing but
 //!    INIT is accepted before a successful INIT. `negotiated_protocol_ver` in the reply
 //!    is 0xFFFFFFFF (deprecated field, as OpenVMM sends it) except for NVSP 1.
-//! 3. NVSP >= 2: SEND_NDIS_CONFIG (125), at most once, before the receive buffer; its
-//!    MTU (frame size, 1514..=9216, else 1514 is used) sizes the receive sections.
+//! 3. NVSP >= 2: SEND_NDIS_CONFIG (125), at most once per session, before the receive
+//!    buffer; its MTU (frame size, 1514..=9216, else 1514 is used) sizes the receive
+//!    sections, and its value less 14 (at most [`NetvspConfig::mtu`]) is the MTU in
+//!    effect: longer frames are dropped both ways ([`NetvspState::mtu`]). A guest
+//!    changes its MTU by closing the primary and starting over (Linux's
+//!    `netvsc_change_mtu`); OID_GEN_MAXIMUM_FRAME_SIZE keeps reporting the port's maximum.
 //! 4. SEND_NDIS_VER (100), at most once.
 //! 5. Receive buffer: a GPADL on the primary, then SEND_RECV_BUF (101) with id 0xCAFE
 //!    (must), completion requested. The reply (102) has one section: offset 0,
@@ -64,14 +68,16 @@
 //!    byte offset into the receive buffer = section * section size), payload NVSP 107
 //!    (channel type 0 for frames, 1 for control, section index 0xFFFFFFFF). A frame is an
 //!    RNDIS PACKET with, when RSS is enabled and the frame is IP, one hash-value PPI
-//!    (type 8, the Toeplitz hash). The guest must complete each such packet with 108
+//!    (type 8, the Toeplitz hash), and a VLAN PPI (type 6) when the frame had an 802.1Q
+//!    tag (taken out of the frame) or the port has a VLAN ([`NetvspConfig::port_vlan`]). The guest must complete each such packet with 108
 //!    {status} in a completion packet with the packet's transaction id; only then is the
 //!    section reused. Receive sections are per device, shared by all queues; the lowest
 //!    few are reserved for control messages. Frames are queued per queue (bounded by
 //!    [`NetvspConfig::rx_backlog_limit`]) while no section or no ring space is free.
 //! 10. Transmit path: RNDIS PACKETs (channel type 0) in a send section (several per
 //!     section back to back, each `msg_len` including its padding) or in GPA ranges;
-//!     each frame lands in [`NetvspHandle::take_from_guest`]. Completed like any 107.
+//!     each frame lands in [`NetvspHandle::take_from_guest`], with the tag of its VLAN
+//!     PPI (if any) put back into it. Completed like any 107.
 //! 11. Teardown: HALT (optional), revoke buffers (103/106) or just close; closing the
 //!     primary resets everything, closing a sub-channel moves its queued frames to the
 //!     primary.
@@ -128,8 +134,10 @@ pub struct NetvspFaults {
 pub struct NetvspConfig {
     /// Permanent (and current) MAC address.
     pub mac: [u8; 6],
-    /// IP MTU, reported as OID_GEN_MAXIMUM_FRAME_SIZE; frames up to MTU + 14 (+ 4 for a
-    /// VLAN tag) pass in either direction.
+    /// The port's largest IP MTU, reported as OID_GEN_MAXIMUM_FRAME_SIZE. The MTU in
+    /// effect is the guest's SEND_NDIS_CONFIG value less 14, at most this (this one
+    /// without an NDIS config); frames up to it + 14 (+ 4 for a VLAN tag) pass in
+    /// either direction, longer ones are dropped.
     pub mtu: u32,
     /// Queues (primary plus sub-channels) offered: RSS capabilities report it and
     /// SUBCHANNEL grants at most `max_queues - 1`.
@@ -152,6 +160,11 @@ pub struct NetvspConfig {
     /// Frames the guest sent that may wait in [`NetvspHandle::take_from_guest`] before
     /// new ones are dropped.
     pub from_guest_limit: usize,
+    /// The port's VLAN: frames the host indicates without an 802.1Q tag of their own
+    /// carry a VLAN PPI for it (priority 0), and guest frames whose VLAN PPI names
+    /// another VLAN are dropped (counted in [`NetvspStats::vlan_drops`]). Tags in frames
+    /// given to [`NetvspHandle::send_to_guest`] always travel as VLAN PPIs.
+    pub port_vlan: Option<u16>,
     /// Faults to inject.
     pub faults: NetvspFaults,
 }
@@ -170,6 +183,7 @@ impl Default for NetvspConfig {
             send_section_size: hvnet_wire::nvsp::NETVSC_SEND_SECTION_SIZE,
             rx_backlog_limit: 1024,
             from_guest_limit: 4096,
+            port_vlan: None,
             faults: NetvspFaults::default(),
         }
     }
@@ -198,8 +212,10 @@ pub struct NetvspState {
     pub nvsp_version: Option<u32>,
     /// NDIS version (major, minor) from SEND_NDIS_VER.
     pub ndis_version: Option<(u32, u32)>,
-    /// MTU from SEND_NDIS_CONFIG, as sent.
+    /// MTU from SEND_NDIS_CONFIG, as sent (a frame MTU: the IP MTU + 14).
     pub ndis_config_mtu: Option<u32>,
+    /// The IP MTU in effect (see [`NetvspConfig::mtu`]).
+    pub mtu: u32,
     /// Capability bits from SEND_NDIS_CONFIG.
     pub ndis_capabilities: Option<u64>,
     /// The receive buffer.
@@ -309,6 +325,12 @@ pub struct NetvspStats {
     pub primary_opens: u64,
     /// Times the rescind fault fired.
     pub rescinds_triggered: u64,
+    /// Frames indicated to the guest with a VLAN PPI.
+    pub vlan_rx: u64,
+    /// Frames from the guest whose VLAN PPI was put back into the frame as a tag.
+    pub vlan_tx: u64,
+    /// Frames from the guest dropped for naming a VLAN other than the port's.
+    pub vlan_drops: u64,
     /// The last malformed messages, described (oldest first, at most 32).
     pub errors: Vec<String>,
 }
@@ -320,7 +342,7 @@ pub enum RxVerdict {
     Queued(u16),
     /// Shorter than an Ethernet header.
     Runt,
-    /// Longer than MTU + 14 + 4.
+    /// Longer than the MTU in effect + 14 + 4.
     TooLong,
     /// The link is down.
     LinkDown,

@@ -19,6 +19,9 @@ pub const KNOWN_VERSIONS: [NvspVersion; 6] = [
 pub const MAX_MDL_CHAIN_LEN: u32 = 34;
 /// Frame MTU (Ethernet header included) when the guest sent no usable NDIS config.
 pub const DEFAULT_FRAME_MTU: u32 = 1514;
+/// Smallest frame MTU an NDIS config may ask for: the smallest IP MTU (68) and the
+/// Ethernet header. Smaller values leave the port's MTU in effect.
+pub const MIN_FRAME_MTU: u32 = 68 + 14;
 /// Largest frame MTU accepted from NDIS config (OpenVMM's range is 1514..=9216).
 pub const MAX_FRAME_MTU: u32 = 9216;
 /// Bytes a receive section reserves for RNDIS headers (OpenVMM `RX_HEADER_LEN`).
