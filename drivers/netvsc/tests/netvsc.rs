@@ -918,49 +918,11 @@ fn rescind_during_mtu_change_leaks_nothing() {
             Ok::<_, String>(())
         });
         result.map_err(|e| e.to_string())??;
-        assert_clean_but_close_races(&w);
+        assert_clean(&w);
         Ok::<_, String>(())
     });
 }
 
-/// `assert_clean`, except for two VMBus races of a channel operation with the host's
-/// rescind (hvnet-vmbus `bus.rs`; reported for a fix there). Both need a driver that
-/// closes or opens a channel while the host rescinds it, which only an MTU change does,
-/// and in both the host answers nothing and nothing leaks:
-/// - `OpenedChannel::close` posts GPADL_TEARDOWN for the ring; the rescind completes its
-///   wait, and the rescind task's `release_resources` can post a second teardown before
-///   `close` has dropped the handle (`GpadlUnknown`);
-/// - `Device::open` can post OPENCHANNEL (and then tear its ring GPADL down) after the
-///   rescind task released the relid, when the primary's removal is already under way and
-///   nothing holds the sub-channel's release back (`UnknownRelid`).
-fn assert_clean_but_close_races(w: &NetWorld) {
-    use hvemu::ViolationKind;
-    let host = w.host.borrow();
-    let other: Vec<_> = host
-        .violations()
-        .iter()
-        .filter(|v| {
-            !matches!(
-                (v.kind, v.detail.as_str()),
-                (ViolationKind::GpadlUnknown, d) if d.starts_with("GPADL_TEARDOWN")
-            ) && !matches!(
-                (v.kind, v.detail.as_str()),
-                (ViolationKind::UnknownRelid, "OPENCHANNEL for unknown relid")
-                    | (
-                        ViolationKind::UnknownRelid,
-                        "GPADL_TEARDOWN for unknown relid"
-                    )
-            )
-        })
-        .cloned()
-        .collect();
-    assert!(
-        other.is_empty(),
-        "host recorded protocol violations: {other:#?}"
-    );
-    let mv = w.memory.violations();
-    assert!(mv.is_empty(), "guest-memory violations: {mv:#?}");
-}
 
 // ---------------------------------------------------------------------------------------
 // 802.1Q VLAN tags.

@@ -734,9 +734,18 @@ impl VmBus {
     }
 
     async fn teardown_gpadl(&self, ch: &Rc<ChannelState>, gpadl: u32) -> Result<(), ChannelError> {
-        if !ch.gpadls.borrow().contains_key(&gpadl) {
+        // Out of the table before the first await: a rescind's cleanup running meanwhile
+        // must not see it and post a second teardown. The buffer stays alive here until
+        // the host has let go of it.
+        let Some(buffer) = ch.gpadls.borrow_mut().remove(&gpadl) else {
             return Err(ChannelError::WrongState);
+        };
+        if ch.released.get() {
+            // RELID_RELEASED is out: the host dropped the channel's GPADLs with it and
+            // knows the relid no more (an open that raced the rescind gets here).
+            return Ok(());
         }
+        trace!("vmbus: relid {} GPADL_TEARDOWN {gpadl:#x}", ch.relid);
         let msg = encode_body(&GpadlTeardown {
             child_relid: ch.relid.into(),
             gpadl: gpadl.into(),
@@ -761,8 +770,9 @@ impl VmBus {
                 }
             }
         };
-        if result.is_ok() {
-            ch.gpadls.borrow_mut().remove(&gpadl);
+        if result.is_err() {
+            // Not torn down: the host may still use the memory; a later cleanup retries.
+            ch.gpadls.borrow_mut().insert(gpadl, buffer);
         }
         result
     }
@@ -780,6 +790,9 @@ impl VmBus {
         ch: &Rc<ChannelState>,
         buffer: Rc<dyn SharedBuffer>,
     ) -> Result<u32, ChannelError> {
+        if ch.is_rescinded() {
+            return Err(ChannelError::Rescinded);
+        }
         let pages = buffer.pages();
         let pfns: Vec<u64> = (0..pages).map(|i| buffer.pfn(i)).collect();
         let gpadl = self.inner.next_gpadl.get();
@@ -863,8 +876,16 @@ impl Device {
         let total = sizes.outgoing_pages + sizes.incoming_pages;
         let buffer: Rc<dyn SharedBuffer> = Rc::from(bus.inner.mem.alloc(total)?);
         let ring = Rc::new(RingPair::new(buffer.clone(), sizes.outgoing_pages)?);
+        // The awaits above and in `create_gpadl` may have let a rescind through, and its
+        // cleanup may already have released the relid: nothing may be posted for the
+        // channel after that (`create_gpadl` checks before its own posts).
         let gpadl = self.create_gpadl(buffer).await?;
         ch.ring_gpadl.set(Some(gpadl));
+        if ch.is_rescinded() {
+            ch.ring_gpadl.set(None);
+            let _ = bus.teardown_gpadl(ch, gpadl).await;
+            return Err(ChannelError::Rescinded);
+        }
         let reply = Reply::new("OPENCHANNEL_RESULT");
         *ch.open_reply.borrow_mut() = Some(reply.clone());
         ch.lifecycle.set(Lifecycle::Opening);
