@@ -36,6 +36,8 @@ pub mod services;
 pub use azure::{AzureConfig, AzureState, AzureStatus, ImdsState};
 pub use device::{DeviceStats, NicDevice};
 pub use iface::{Addressing, Interface, InterfaceConfig, InterfaceEvent, IpConfig};
-pub use manager::{InterfaceManager, InterfaceRef, InterfaceTable, ManagerConfig, Route};
+pub use manager::{
+    InterfaceManager, InterfaceRef, InterfaceTable, ManagerConfig, Route, SetMtuError,
+};
 pub use services::echo::EchoConfig;
 pub use services::status::{status_json, StatusConfig, StatusSnapshot};

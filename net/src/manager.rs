@@ -50,14 +50,14 @@ use core::future::{poll_fn, Future};
 use core::pin::Pin;
 use core::task::Poll;
 
-use hvnet_netvsc::nic::{Nic, NicRegistry};
+use hvnet_netvsc::nic::{MtuError, Nic, NicRegistry};
 use hvnet_runtime::config_lock::{ConfigGuard, Lock};
 use hvnet_runtime::sync::{Event, EventWait};
 use hvnet_runtime::{ConfigLock, Duration, Handle, Instant, JoinHandle, Sleep};
 use smoltcp::wire::{Ipv4Address, Ipv4Cidr};
 
 use crate::azure::{AzureAgent, AzureConfig, AzureStatus};
-use crate::device::DeviceStats;
+use crate::device::{DeviceStats, MIN_IP_MTU};
 use crate::iface::{Interface, InterfaceConfig, InterfaceEvent, IpConfig};
 use crate::services::status::{InterfaceStatus, StatusSnapshot, StatusSource};
 
@@ -431,6 +431,62 @@ impl InterfaceManager {
     /// The Azure agent's progress (also in [`snapshot`](Self::snapshot)).
     pub fn azure_status(&self) -> AzureStatus {
         self.shared.azure.status()
+    }
+}
+
+/// Why [`InterfaceManager::set_mtu`] changed nothing (or not what was asked).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SetMtuError {
+    /// No interface has that name.
+    NoSuchInterface(String),
+    /// Below what the stack works with (IPv4 needs 576-byte datagrams to pass).
+    BelowStackMinimum {
+        /// The MTU asked for.
+        mtu: usize,
+        /// [`MIN_IP_MTU`].
+        min: usize,
+    },
+    /// The NIC refused or failed the change.
+    Nic(MtuError),
+}
+
+impl fmt::Display for SetMtuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoSuchInterface(name) => write!(f, "no interface {name}"),
+            Self::BelowStackMinimum { mtu, min } => {
+                write!(f, "MTU {mtu} is below the network stack's minimum {min}")
+            }
+            Self::Nic(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl InterfaceManager {
+    /// Changes interface `name`'s MTU. The NIC re-attaches to its host with the new
+    /// value (netvsc: as Linux's `netvsc_change_mtu`), under the config lock, so no
+    /// probe, removal or other change runs meanwhile; the interface keeps its name,
+    /// addresses and sockets, and smoltcp sees the new MTU from its next poll.
+    pub async fn set_mtu(&self, name: &str, mtu: usize) -> Result<(), SetMtuError> {
+        if mtu < MIN_IP_MTU {
+            return Err(SetMtuError::BelowStackMinimum {
+                mtu,
+                min: MIN_IP_MTU,
+            });
+        }
+        let table = self.shared.table.lock().await;
+        let nic = table
+            .get(name)
+            .map(|i| i.nic().clone())
+            .ok_or_else(|| SetMtuError::NoSuchInterface(String::from(name)))?;
+        let old = nic.mtu();
+        let result = nic.set_mtu(mtu).await.map_err(SetMtuError::Nic);
+        match &result {
+            Ok(()) => log::info!("{name}: MTU {old} -> {}", nic.mtu()),
+            Err(e) => log::warn!("{name}: MTU {old} -> {mtu} refused: {e}"),
+        }
+        drop(table);
+        result
     }
 }
 
