@@ -103,9 +103,11 @@ pub fn set_wall_clock(unix_ns: u64) {
 
 /// Nanoseconds since 1970-01-01 UTC, once the host has told us the time.
 pub fn wall_clock_ns() -> Option<u64> {
-    WALL_SET
-        .load(Ordering::Acquire)
-        .then(|| WALL_OFFSET_NS.load(Ordering::Relaxed).wrapping_add(now_ns()))
+    WALL_SET.load(Ordering::Acquire).then(|| {
+        WALL_OFFSET_NS
+            .load(Ordering::Relaxed)
+            .wrapping_add(now_ns())
+    })
 }
 
 /// The partition reference counter (100 ns units) once the clock uses it.
