@@ -337,6 +337,18 @@ fn nic_on_the_internal_lan_gets_a_dhcp_lease() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let elapsed = t0.elapsed();
+    // The server records the lease when it sends the ACK; the guest logs it once it has
+    // processed that ACK, a moment later.
+    if matches!(outcome, Some(Ok(_))) {
+        let until = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < until
+            && !std::fs::read_to_string(&serial)
+                .unwrap_or_default()
+                .contains("lease acquired: 10.0.2.")
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     // SAFETY: plain kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     let _ = wait_with_timeout(&mut child, Duration::from_secs(30));
