@@ -703,29 +703,9 @@ fn stack(handle: &Handle, seed: u64) -> Rc<Stack> {
         devices: Rc::new(RefCell::new(Vec::new())),
         fabric,
     });
-    let (lan, host, devices, h) = (
-        s.lan.clone(),
-        s.host.clone(),
-        s.devices.clone(),
-        s.handle.clone(),
-    );
-    s.handle.spawn("host", async move {
-        loop {
-            let now_ms = h.now().as_nanos() / 1_000_000;
-            let list = devices.borrow().clone();
-            let moved = host_scope(|| {
-                let moved = lan.borrow_mut().step(now_ms);
-                for (d, _, _) in &list {
-                    host.borrow_mut().poll_device(*d);
-                }
-                moved
-            });
-            if moved > 0 {
-                h.yield_now().await;
-            } else {
-                h.sleep(Duration::from_micros(100)).await;
-            }
-        }
+    let devices = s.devices.clone();
+    spawn_lan_host(&s.handle, s.lan.clone(), s.host.clone(), move || {
+        devices.borrow().iter().map(|(d, _, _)| *d).collect()
     });
     s
 }

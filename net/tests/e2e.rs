@@ -20,8 +20,8 @@ use hvnet_runtime::testing::check_seeds;
 use hvnet_runtime::{Duration, Handle, Instant};
 use hvnet_vmbus::bus::{VmBus, VmBusConfig};
 use support::{
-    dhcp_config, emu_machine, ensure, heap_live, host_scope, sim, test_config, wait_until,
-    CountingAlloc, EmuMachine, Res, PEER_IP,
+    dhcp_config, emu_machine, ensure, heap_live, host_scope, sim, spawn_lan_host, test_config,
+    wait_until, CountingAlloc, EmuMachine, Res, PEER_IP,
 };
 
 #[global_allocator]
@@ -99,32 +99,11 @@ fn stack(handle: &Handle, seed: u64) -> Rc<Stack> {
     s
 }
 
-/// The host side's clock: steps the LAN and polls every NIC's VMBus device every
-/// 100 us of virtual time, back to back while frames flow.
+/// The host side's clock over this stack's LAN and NICs.
 fn spawn_host(s: &Rc<Stack>) {
-    let (lan, host, devices, h) = (
-        s.lan.clone(),
-        s.host.clone(),
-        s.devices.clone(),
-        s.handle.clone(),
-    );
-    s.handle.spawn("host", async move {
-        loop {
-            let now_ms = h.now().as_nanos() / 1_000_000;
-            let list = devices.borrow().clone();
-            let moved = host_scope(|| {
-                let moved = lan.borrow_mut().step(now_ms);
-                for (d, _) in &list {
-                    host.borrow_mut().poll_device(*d);
-                }
-                moved
-            });
-            if moved > 0 {
-                h.yield_now().await;
-            } else {
-                h.sleep(Duration::from_micros(100)).await;
-            }
-        }
+    let devices = s.devices.clone();
+    spawn_lan_host(&s.handle, s.lan.clone(), s.host.clone(), move || {
+        devices.borrow().iter().map(|(d, _)| *d).collect()
     });
 }
 

@@ -35,6 +35,7 @@ use smoltcp::socket::tcp;
 use smoltcp::wire::IpAddress;
 
 use crate::iface::to_net_duration;
+use crate::services::http::is_tchar;
 
 /// Largest response head (status line and header fields) accepted.
 pub const MAX_RESPONSE_HEAD: usize = 8 * 1024;
@@ -164,11 +165,6 @@ pub fn encode_request(
     let mut out = head.into_bytes();
     out.extend_from_slice(body);
     out
-}
-
-/// `tchar` of RFC 9110 section 5.6.2.
-fn is_tchar(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
 }
 
 /// Bytes allowed in a field value or reason phrase: HTAB, SP, VCHAR, obs-text.

@@ -86,7 +86,7 @@ impl Status {
 }
 
 /// `tchar` of RFC 9110 section 5.6.2: what methods and header names are made of.
-fn is_tchar(byte: u8) -> bool {
+pub(crate) fn is_tchar(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
 }
 
