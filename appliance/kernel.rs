@@ -379,15 +379,18 @@ async fn start_vmbus(handle: &Handle, info: &HyperVInfo, config: &Config) -> Opt
         ..NetvscConfig::default()
     };
     bus.register_driver(Rc::new(NetvscDriver::new(Rc::new(manager.clone()), netvsc)));
-    let power = Rc::new(HostPowerRequest::new(handle.clone(), bus.clone()));
+    let power = Rc::new(HostPowerRequest {
+        handle: handle.clone(),
+        bus: bus.clone(),
+        requested: core::cell::Cell::new(false),
+    });
     let status = manager.clone();
     let ic = register_ic_drivers(
         &bus,
-        power.clone(),
+        power,
         Rc::new(WallClock),
         Rc::new(NetworkKvp::new(move || status.snapshot())),
     );
-    power.set_ic(ic.clone());
     match bus.connect().await {
         Ok(version) => {
             let relids = bus.live_relids();
@@ -429,29 +432,13 @@ fn azure_config(config: &Config) -> AzureConfig {
     azure
 }
 
-/// Hyper-V's "Shut Down" / "Restart" (the shutdown integration service): close the
-/// integration channels, close every other channel and UNLOAD VMBus so the host sees a
-/// clean guest exit, then power off through ACPI (or reset).
+/// Hyper-V's "Shut Down" / "Restart" (the shutdown integration service): close every
+/// channel (the integration services' too) and UNLOAD VMBus so the host sees a clean guest
+/// exit, then power off through ACPI (or reset).
 struct HostPowerRequest {
     handle: Handle,
     bus: VmBus,
-    ic: core::cell::RefCell<Option<IcDrivers>>,
     requested: core::cell::Cell<bool>,
-}
-
-impl HostPowerRequest {
-    fn new(handle: Handle, bus: VmBus) -> Self {
-        HostPowerRequest {
-            handle,
-            bus,
-            ic: core::cell::RefCell::new(None),
-            requested: core::cell::Cell::new(false),
-        }
-    }
-
-    fn set_ic(&self, ic: IcDrivers) {
-        *self.ic.borrow_mut() = Some(ic);
-    }
 }
 
 impl PowerControl for HostPowerRequest {
@@ -462,13 +449,9 @@ impl PowerControl for HostPowerRequest {
         let what = if reboot { "restart" } else { "shutdown" };
         info!("hvnet: the host requested a {what}; closing VMBus channels");
         let bus = self.bus.clone();
-        let ic = self.ic.borrow().clone();
         // The IC channel task called us: the work runs in a task of its own, so that task
         // can finish answering while the channels close under it.
         self.handle.spawn("power", async move {
-            if let Some(ic) = ic {
-                ic.close().await;
-            }
             bus.unload().await;
             let (used, _) = heap::stats();
             info!("hvnet: VMBus unloaded ({used} heap bytes in use); {what} now");
