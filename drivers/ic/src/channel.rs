@@ -36,14 +36,12 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 use core::fmt;
-use core::future::Future;
-use core::pin::Pin;
-use core::task::{Context, Poll};
 
 use hvnet_runtime::sync::Event;
 use hvnet_runtime::{Handle, JoinHandle};
 use hvnet_vmbus::bus::{Device, Driver, OpenedChannel, RingSizes};
 use hvnet_vmbus::channel::{BoxFuture, ChannelError, DeviceInstance};
+use hvnet_vmbus::race::{race, Either};
 use hvnet_vmbus::ring::{OutgoingPacket, RingError};
 use hvnet_wire::ic::{
     negotiate, negotiate_response_body, IcError, IcMessage, IcMsgHdr, IcMsgType, IcStatus,
@@ -484,45 +482,13 @@ async fn run<S: Service>(svc: Rc<S>, ch: OpenedChannel, stop: Rc<Event>, handle:
                 break;
             }
         }
-        match first_of(ch.wait_signal(), stop.wait()).await {
-            First::Left(Ok(())) => {}
-            First::Left(Err(_)) | First::Right(()) => break,
+        match race(ch.wait_signal(), stop.wait()).await {
+            Either::Left(Ok(())) => {}
+            Either::Left(Err(_)) | Either::Right(()) => break,
         }
     }
     count(&*svc, |c| c.stopped += 1);
     debug!("ic {} relid {relid}: task ends", S::NAME);
-}
-
-enum First<A, B> {
-    Left(A),
-    Right(B),
-}
-
-/// Polls `a` then `b` until one completes (both boxed: no pin projection needed).
-fn first_of<A: Future, B: Future>(a: A, b: B) -> FirstOf<A, B> {
-    FirstOf {
-        a: Box::pin(a),
-        b: Box::pin(b),
-    }
-}
-
-struct FirstOf<A, B> {
-    a: Pin<Box<A>>,
-    b: Pin<Box<B>>,
-}
-
-impl<A: Future, B: Future> Future for FirstOf<A, B> {
-    type Output = First<A::Output, B::Output>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if let Poll::Ready(v) = self.a.as_mut().poll(cx) {
-            return Poll::Ready(First::Left(v));
-        }
-        if let Poll::Ready(v) = self.b.as_mut().poll(cx) {
-            return Poll::Ready(First::Right(v));
-        }
-        Poll::Pending
-    }
 }
 
 /// One open IC channel: its task and the channel, until removal or close.

@@ -16,5 +16,5 @@ pub mod channel;
 pub mod gpadl;
 pub mod memory;
 pub mod platform;
-mod race;
+pub mod race;
 pub mod ring;
