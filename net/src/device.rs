@@ -151,11 +151,20 @@ impl NicDevice {
         self.stats.clone()
     }
 
-    /// Starts a poll: a fresh receive budget, and forget that the NIC was empty or full.
+    /// Starts a poll: a fresh receive budget, forget that the NIC was empty or full, and
+    /// open a NIC batch ([`Nic::begin_batch`]) so that the frames of this poll reach the
+    /// host together. End it with [`end_poll`](Self::end_poll).
     pub fn begin_poll(&mut self) {
         self.rx_left.set(self.rx_budget);
         self.rx_exhausted.set(false);
         self.tx_blocked.set(false);
+        self.nic.begin_batch();
+    }
+
+    /// Ends a poll: what the NIC held back during it reaches the host
+    /// ([`Nic::end_batch`]). Call it before waiting.
+    pub fn end_poll(&mut self) {
+        self.nic.end_batch();
     }
 
     /// Whether the last poll stopped receiving because its budget ran out (not because

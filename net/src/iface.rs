@@ -322,6 +322,7 @@ impl Interface {
                 break;
             }
         }
+        self.device.end_poll();
         result.more = self.device.rx_budget_spent() || egress_left == 0;
         result.tx_blocked = self.device.tx_blocked();
         result

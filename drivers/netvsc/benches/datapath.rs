@@ -5,9 +5,11 @@
 //! plain synchronous calls moves frames:
 //!
 //! - `--dir rx`: the host queues frames in batches of 64 (256 UDP flows, so RSS spreads
-//!   them over the queues), polls the device, and the guest `receive`s them all.
-//! - `--dir tx`: the guest `transmit`s frames (256 flows), `receive`s every 64 frames to
-//!   reap send completions, and the host drains what it got.
+//!   them over the queues), and the guest polls as `hvnet-net`'s interface poll does: a
+//!   NIC batch opened, one `receive(1, ..)` per frame (at most 64), the batch ended.
+//! - `--dir tx`: per poll the guest opens a batch, reaps send completions by receiving,
+//!   `transmit`s 64 frames (256 flows) and ends the batch; the host drains what it got.
+//! - `--bulk-receive`: receive with one `receive(usize::MAX, ..)` call per poll instead.
 //!
 //! The measured loop is `hvnet_bench_loop`; everything that is not the guest driver is
 //! behind a never-inlined boundary whose name starts with `hvnet_bench_` or behind the
@@ -298,9 +300,29 @@ struct Bench {
     frames: Vec<Vec<u8>>,
 }
 
-/// RX: `n` frames from the host to the guest. Returns frames received.
+/// Receives what the NIC has, the way `hvnet-net`'s interface poll does: one frame per
+/// `receive` call, at most `BATCH` of them, or (`bulk`) all in one call. Returns frames.
 #[inline(always)]
-fn rx_loop(b: &Bench, n: usize) -> usize {
+fn receive_poll(b: &Bench, bulk: bool, deliver: &mut dyn FnMut(&[u8])) -> usize {
+    if bulk {
+        return b.nic.receive(usize::MAX, deliver);
+    }
+    let mut got = 0;
+    while got < BATCH {
+        if b.nic.receive(1, deliver) == 0 {
+            break;
+        }
+        got += 1;
+    }
+    got
+}
+
+/// RX: `n` frames from the host to the guest. Each round the host queues `BATCH`
+/// frames, then the guest polls as the interface does: a batch opened, the frames
+/// received, the batch ended (completions and read space back to the host at once).
+/// Returns frames received.
+#[inline(always)]
+fn rx_loop(b: &Bench, bulk: bool, n: usize) -> usize {
     let bytes = Cell::new(0u64);
     let mut deliver = |f: &[u8]| hvnet_bench_deliver(f, &bytes);
     let mut got = 0;
@@ -319,7 +341,9 @@ fn rx_loop(b: &Bench, n: usize) -> usize {
         let mut idle = 0;
         while this < want {
             hvnet_bench_host_poll(&b.w.host, b.dev);
-            let r = b.nic.receive(usize::MAX, &mut deliver);
+            b.nic.begin_batch();
+            let r = receive_poll(b, bulk, &mut deliver);
+            b.nic.end_batch();
             this += r;
             idle = if r == 0 { idle + 1 } else { 0 };
             assert!(idle < 100, "RX stalled: {this} of {want} frames");
@@ -330,59 +354,70 @@ fn rx_loop(b: &Bench, n: usize) -> usize {
     got
 }
 
-/// TX: `n` frames from the guest to the host. Returns frames the host got.
+/// TX: `n` frames from the guest to the host, `BATCH` per poll as the interface sends
+/// a burst: a batch opened, send completions reaped by receiving, the frames sent, the
+/// batch ended (one publication per queue); then the host takes what it got. Returns
+/// frames the host got.
 #[inline(always)]
-fn tx_loop(b: &Bench, n: usize) -> usize {
+fn tx_loop(b: &Bench, bulk: bool, n: usize) -> usize {
     let mut taken = 0;
     let mut sent = 0;
+    let mut busy = 0;
     while sent < n {
-        let frame = &b.frames[sent % b.frames.len()];
-        let mut fill = |dst: &mut [u8]| hvnet_bench_fill(dst, frame);
-        let mut busy = 0;
-        loop {
+        b.nic.begin_batch();
+        receive_poll(b, bulk, &mut |_| {});
+        let mut this = 0;
+        while this < BATCH && sent < n {
+            let frame = &b.frames[sent % b.frames.len()];
+            let mut fill = |dst: &mut [u8]| hvnet_bench_fill(dst, frame);
             match b.nic.transmit(frame.len(), &mut fill) {
-                Ok(()) => break,
-                Err(NicError::Busy) => {
-                    busy += 1;
-                    assert!(busy < 100, "TX stalled");
-                    hvnet_bench_host_poll(&b.w.host, b.dev);
-                    b.nic.receive(usize::MAX, &mut |_| {});
+                Ok(()) => {
+                    sent += 1;
+                    this += 1;
                 }
+                Err(NicError::Busy) => break,
                 Err(e) => panic!("transmit: {e:?}"),
             }
         }
-        sent += 1;
-        if sent % BATCH == 0 || sent == n {
-            // Reap send completions, then let the host hand the frames on.
-            b.nic.receive(usize::MAX, &mut |_| {});
-            taken += hvnet_bench_host_drain(&b.nv);
-        }
+        b.nic.end_batch();
+        busy = if this == 0 { busy + 1 } else { 0 };
+        assert!(busy < 100, "TX stalled");
+        // The host completes the sends (it ran inside the signal, or runs now) and
+        // hands the frames on.
+        hvnet_bench_host_poll(&b.w.host, b.dev);
+        taken += hvnet_bench_host_drain(&b.nv);
     }
+    // The last completions, so that every run ends with all sections back.
+    b.nic.begin_batch();
+    receive_poll(b, bulk, &mut |_| {});
+    b.nic.end_batch();
     taken
 }
 
 /// The measured loop (callgrind collects only inside it).
 #[inline(never)]
-fn hvnet_bench_loop(b: &Bench, rx: bool, n: usize) -> usize {
+fn hvnet_bench_loop(b: &Bench, rx: bool, bulk: bool, n: usize) -> usize {
     if rx {
-        rx_loop(b, n)
+        rx_loop(b, bulk, n)
     } else {
-        tx_loop(b, n)
+        tx_loop(b, bulk, n)
     }
 }
 
 /// The same loop, outside the measured function.
 #[inline(never)]
-fn warm_up(b: &Bench, rx: bool, n: usize) -> usize {
+fn warm_up(b: &Bench, rx: bool, bulk: bool, n: usize) -> usize {
     if rx {
-        rx_loop(b, n)
+        rx_loop(b, bulk, n)
     } else {
-        tx_loop(b, n)
+        tx_loop(b, bulk, n)
     }
 }
 
 fn usage() -> ! {
-    eprintln!("usage: datapath [--frames N] [--size 64|1500] [--queues 1|8] [--dir rx|tx]");
+    eprintln!(
+        "usage: datapath [--frames N] [--size 64|1500] [--queues 1|8] [--dir rx|tx] [--bulk-receive]"
+    );
     std::process::exit(2)
 }
 
@@ -391,6 +426,7 @@ fn main() {
     let mut size = 64usize;
     let mut queues = 8u16;
     let mut rx = true;
+    let mut bulk = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| usage());
@@ -405,6 +441,7 @@ fn main() {
                     _ => usage(),
                 }
             }
+            "--bulk-receive" => bulk = true,
             // `cargo bench` passes --bench; ignore it.
             "--bench" => {}
             _ => usage(),
@@ -426,13 +463,13 @@ fn main() {
         nv,
         frames: frames_list,
     };
-    let warm = warm_up(&b, rx, 1024);
+    let warm = warm_up(&b, rx, bulk, 1024);
     assert_eq!(warm, 1024, "warm-up moved {warm} frames");
 
     let before = counts();
     let stats_before: Vec<_> = (0..queues).map(|q| b.nic.queue_stats(q.into())).collect();
     let start = Instant::now();
-    let moved = hvnet_bench_loop(&b, rx, frames);
+    let moved = hvnet_bench_loop(&b, rx, bulk, frames);
     let secs = start.elapsed().as_secs_f64();
     let after = counts();
     assert_eq!(moved, frames, "moved {moved} of {frames} frames");
@@ -452,6 +489,7 @@ fn main() {
     let netvsc = as_netvsc(&b.nic);
     println!("dir={}", if rx { "rx" } else { "tx" });
     println!("size={size}");
+    println!("receive={}", if bulk { "bulk" } else { "per-frame" });
     println!("queues={queues}");
     println!("frames={frames}");
     println!("seconds={secs:.6}");

@@ -26,7 +26,7 @@
 //! network side sees an ordinary tagged frame; on transmit a tagged frame leaves with its
 //! tag stripped and a VLAN PPI instead, as Linux sends it.
 
-use alloc::collections::{BTreeMap, VecDeque};
+use alloc::collections::BTreeMap;
 use alloc::rc::{Rc, Weak};
 use alloc::string::String;
 use alloc::vec;
@@ -53,6 +53,7 @@ use hvnet_wire::rndis::{
 use log::{debug, info, warn};
 use zerocopy::IntoBytes;
 
+use crate::backlog::Backlog;
 use crate::config::NetvscConfig;
 use crate::flow::flow_hash;
 use crate::nic::{MtuFuture, Nic, NicError, NicFuture, QueueStats};
@@ -148,6 +149,9 @@ impl From<NetvscError> for ChannelError {
 pub(crate) enum Sink<'a> {
     /// The network side's callback (its `receive`).
     Deliver(&'a mut dyn FnMut(&[u8])),
+    /// The NIC's backlog, read ahead of the network side inside a batch: the batch's
+    /// one-frame `receive` calls are served from it.
+    Ahead,
     /// The NIC's backlog: a sender is digging for send completions that sit behind
     /// received frames; the frames wait there for the next `receive`. Reading stops when
     /// the backlog is full (the host keeps the rest).
@@ -166,8 +170,25 @@ const RING_BYTES_PER_FRAME: usize = 128;
 /// Most ring bytes a poll copies out at once.
 const READ_WINDOW: usize = 8192;
 
+impl Sink<'_> {
+    /// Whether frames go to the backlog.
+    fn to_backlog(&self) -> bool {
+        matches!(self, Sink::Ahead | Sink::Stash | Sink::Drain)
+    }
+}
+
 /// Frames the backlog holds; past it the rings are left alone (the host queues).
 const BACKLOG_FRAMES: usize = 256;
+/// Arena bytes of the backlog (private memory, allocated on first use): 64 frames of
+/// 1514 bytes with their RNDIS headers fit, and a poll stops reading ahead while less
+/// than one largest message ([`MAX_RX_MESSAGE`]) is free.
+const BACKLOG_BYTES: usize = 128 * 1024;
+/// Frames one read-ahead pass takes off the rings (the network side's poll budget).
+const READ_AHEAD: usize = 64;
+
+/// Sends a queue holds back inside an open batch before it publishes them anyway, so
+/// that a long burst keeps a host that runs alongside busy.
+const UNPUBLISHED_SENDS_MAX: usize = 32;
 
 /// Driver-wide counters of one NIC (queue counters are in [`QueueStats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -243,6 +264,11 @@ pub(crate) struct Queue {
     /// SEND_RNDIS_PKT of a data frame from a send section, laid out once; each send
     /// sets its section, size and transaction id.
     send: RefCell<Option<PreparedPacket>>,
+    /// Set when a poll inside an open batch left its end (staging the completions,
+    /// publishing, handing the read space back) to [`Nic::end_batch`].
+    deferred: Cell<bool>,
+    /// Sends written to the ring but not yet published (inside an open batch).
+    unpublished_sends: Cell<usize>,
 }
 
 impl Queue {
@@ -254,6 +280,8 @@ impl Queue {
             acks: RefCell::new(Vec::with_capacity(ACK_BATCH)),
             completion: prepared_completion(),
             send: RefCell::new(prepared_send()),
+            deferred: Cell::new(false),
+            unpublished_sends: Cell::new(0),
         })
     }
 }
@@ -340,9 +368,11 @@ pub struct NetvscNic {
     rx_cursor: Cell<usize>,
     /// A poll gave send sections back; it tells the waiters once, at its end.
     sections_freed: Cell<bool>,
-    /// Frames taken off the rings while looking for send completions, oldest first, with
-    /// their queue.
-    backlog: RefCell<VecDeque<(u16, Vec<u8>)>>,
+    /// Set between [`Nic::begin_batch`] and [`Nic::end_batch`].
+    batch_open: Cell<bool>,
+    /// Frames taken off the rings ahead of the network side or while looking for send
+    /// completions, oldest first, with their queue.
+    backlog: RefCell<Backlog>,
     /// Counters of queues that were closed for an MTU change, by index, so that the
     /// queues reopened after it carry on counting.
     saved_stats: RefCell<BTreeMap<u16, QueueStats>>,
@@ -387,7 +417,8 @@ impl NetvscNic {
             tx_scratch: RefCell::new(Vec::new()),
             rx_cursor: Cell::new(0),
             sections_freed: Cell::new(false),
-            backlog: RefCell::new(VecDeque::new()),
+            batch_open: Cell::new(false),
+            backlog: RefCell::new(Backlog::new(BACKLOG_BYTES, BACKLOG_FRAMES)),
             saved_stats: RefCell::new(BTreeMap::new()),
             generation: Cell::new(0),
             seen_generation: Cell::new(0),
@@ -587,7 +618,7 @@ impl NetvscNic {
         }
         self.recv.borrow_mut().take();
         self.send.borrow_mut().take();
-        self.backlog.borrow_mut().clear();
+        self.backlog.borrow_mut().release();
         self.control.borrow_mut().clear();
         self.rndis.borrow_mut().clear();
         self.saved_stats.borrow_mut().clear();
@@ -813,6 +844,17 @@ impl NetvscNic {
         budget: usize,
     ) -> Result<usize, NetvscError> {
         let ring = queue.channel.ring();
+        if self.batch_open.get() {
+            // The batch's end stages, publishes and hands back for every poll of it.
+            queue.deferred.set(true);
+            let mut delivered = 0;
+            let read = self.read_queue(queue, sink, budget, &mut delivered);
+            if self.sections_freed.replace(false) {
+                self.bump();
+            }
+            read?;
+            return Ok(delivered);
+        }
         if queue.acks.borrow().is_empty() && !ring.has_incoming()? {
             // Nothing new and nothing owed: every poll ends by publishing, so there is
             // nothing to publish either.
@@ -859,7 +901,9 @@ impl NetvscNic {
                 if *delivered >= budget {
                     return Ok(());
                 }
-                if matches!(sink, Sink::Stash) && self.backlog.borrow().len() >= BACKLOG_FRAMES {
+                if matches!(sink, Sink::Ahead | Sink::Stash)
+                    && !self.backlog.borrow().has_room(MAX_RX_MESSAGE)
+                {
                     return Ok(());
                 }
                 if !self.room_for_acks(queue)? {
@@ -932,13 +976,66 @@ impl NetvscNic {
         Ok(())
     }
 
+    /// Hands up to `budget` frames of the backlog to `deliver`; returns how many.
+    fn serve_backlog(&self, budget: usize, deliver: &mut dyn FnMut(&[u8])) -> usize {
+        let mut delivered = 0;
+        while delivered < budget {
+            let backlog = self.backlog.borrow();
+            let Some((index, frame)) = backlog.front() else {
+                break;
+            };
+            deliver(frame);
+            let len = frame.len() as u64;
+            drop(backlog);
+            self.backlog.borrow_mut().pop();
+            delivered += 1;
+            let queues = self.queues.borrow();
+            // Queues are sorted by index and usually dense.
+            let queue = match queues.get(usize::from(index)) {
+                Some(q) if q.index == index => Some(q),
+                _ => queues.iter().find(|q| q.index == index),
+            };
+            if let Some(q) = queue {
+                add(&q.stats.rx_packets, 1);
+                add(&q.stats.rx_bytes, len);
+            }
+        }
+        delivered
+    }
+
+    /// One pass over the queues, round robin from a different queue each time, taking
+    /// up to `budget` frames to `sink`. Returns how many were taken.
+    fn poll_round(&self, sink: &mut Sink<'_>, budget: usize) -> usize {
+        let count = self.queues.borrow().len();
+        if count == 0 {
+            return 0;
+        }
+        let start = self.rx_cursor.get() % count;
+        self.rx_cursor.set(start + 1);
+        let mut taken = 0;
+        for i in 0..count {
+            if taken >= budget {
+                break;
+            }
+            // A queue detached meanwhile just ends the round early.
+            let Some(q) = self.queues.borrow().get((start + i) % count).cloned() else {
+                break;
+            };
+            match self.poll_queue(&q, sink, budget - taken) {
+                Ok(n) => taken += n,
+                Err(e) => debug!("netvsc {}: queue {} poll: {e}", self.id, q.index),
+            }
+        }
+        taken
+    }
+
     /// Frees send sections for a sender that is not receiving: reads every queue's ring
     /// for completions, stashing the frames in front of them in the backlog (bounded)
     /// for the next `receive` instead of dropping them.
     fn reap_completions(&self) {
         // Inside the network side's `deliver` callback the receive path is running
         // already; it takes the completions itself once the callback returns.
-        if self.packet_scratch.try_borrow_mut().is_err() {
+        if self.packet_scratch.try_borrow_mut().is_err() || self.backlog.try_borrow_mut().is_err() {
             return;
         }
         for queue in self.open_queue_list() {
@@ -1116,6 +1213,10 @@ impl NetvscNic {
         delivered
     }
 
+    /// One range of a receive indication: the RNDIS message is copied out of the receive
+    /// buffer (into the backlog's arena if the frame is to wait there, else into
+    /// scratch), checked, and its frame handed to `sink`. Returns 1 for a frame
+    /// delivered or held, else 0.
     fn on_rndis_range(
         &self,
         queue: &Queue,
@@ -1124,50 +1225,90 @@ impl NetvscNic {
     ) -> usize {
         let offset = range.byte_offset.get() as usize;
         let len = range.byte_count.get() as usize;
-        let mut scratch = self.rx_scratch.borrow_mut();
-        let copied = {
-            let recv = self.recv.borrow();
-            match (recv.as_ref(), scratch.get_mut(..len)) {
-                (Some(r), Some(dst))
-                    if offset.checked_add(len).is_some_and(|end| end <= r.limit) =>
-                {
-                    r.buf.read(offset, dst).is_ok()
+        if sink.to_backlog() {
+            let mut backlog = self.backlog.borrow_mut();
+            if let Some(room) = backlog.reserve(len) {
+                let Some(frame) = self.take_message(queue, offset, room) else {
+                    return 0;
+                };
+                if backlog.commit(queue.index, len, frame) {
+                    return 1;
                 }
-                _ => false,
+                add(&queue.stats.rx_dropped, 1);
+                return 0;
             }
-        };
-        if !copied {
+        }
+        let mut scratch = self.rx_scratch.borrow_mut();
+        let Some(room) = scratch.get_mut(..len) else {
             add(&queue.stats.rx_dropped, 1);
             self.malformed(format_args!("receive range {offset:#x}+{len:#x}"));
             return 0;
-        }
-        let message = &mut scratch[..len];
-        match PacketView::parse(message) {
-            Ok(Some(view)) => self.on_frame(queue, message, view, sink),
-            Ok(None) => {
-                self.on_control_message(queue, message);
-                0
+        };
+        let Some(frame) = self.take_message(queue, offset, room) else {
+            return 0;
+        };
+        let frame = &room[frame];
+        match sink {
+            Sink::Deliver(d) => {
+                d(frame);
+                add(&queue.stats.rx_packets, 1);
+                add(&queue.stats.rx_bytes, frame.len() as u64);
+                1
             }
-            Err(e) => {
+            // Held frames went to the arena above; here it had no room.
+            _ => {
                 add(&queue.stats.rx_dropped, 1);
-                self.malformed(format_args!("RNDIS message: {e:?}"));
                 0
             }
         }
     }
 
+    /// Copies the RNDIS message at `offset` of the receive buffer into `message` (private
+    /// memory of the range's length) and handles it: a data frame's place in `message`
+    /// is returned (its VLAN tag put back); control messages are processed here.
+    fn take_message(
+        &self,
+        queue: &Queue,
+        offset: usize,
+        message: &mut [u8],
+    ) -> Option<core::ops::Range<usize>> {
+        let len = message.len();
+        let copied = match self.recv.borrow().as_ref() {
+            Some(r) if offset.checked_add(len).is_some_and(|end| end <= r.limit) => {
+                r.buf.read(offset, message).is_ok()
+            }
+            _ => false,
+        };
+        if !copied {
+            add(&queue.stats.rx_dropped, 1);
+            self.malformed(format_args!("receive range {offset:#x}+{len:#x}"));
+            return None;
+        }
+        match PacketView::parse(message) {
+            Ok(Some(view)) => self.on_frame(queue, message, view),
+            Ok(None) => {
+                self.on_control_message(queue, message);
+                None
+            }
+            Err(e) => {
+                add(&queue.stats.rx_dropped, 1);
+                self.malformed(format_args!("RNDIS message: {e:?}"));
+                None
+            }
+        }
+    }
+
     /// A received data frame (`view` checked against `message`, private memory): the VLAN
-    /// tag goes back into the frame, then the frame goes to `sink`.
+    /// tag goes back into the frame. Returns where the frame is in `message`.
     fn on_frame(
         &self,
         queue: &Queue,
         message: &mut [u8],
         view: PacketView,
-        sink: &mut Sink<'_>,
-    ) -> usize {
+    ) -> Option<core::ops::Range<usize>> {
         if self.removed.get() || view.data_len < ETH_HEADER {
             add(&queue.stats.rx_dropped, 1);
-            return 0;
+            return None;
         }
         let end = view.data_start + view.data_len;
         let start = match view.vlan {
@@ -1180,29 +1321,15 @@ impl NetvscNic {
                 None => {
                     add(&queue.stats.rx_dropped, 1);
                     self.malformed(format_args!("VLAN frame at {}", view.data_start));
-                    return 0;
+                    return None;
                 }
             },
         };
-        let Some(frame) = message.get(start..end) else {
+        if start > end || end > message.len() {
             add(&queue.stats.rx_dropped, 1);
-            return 0;
-        };
-        match sink {
-            Sink::Deliver(d) => {
-                d(frame);
-                add(&queue.stats.rx_packets, 1);
-                add(&queue.stats.rx_bytes, frame.len() as u64);
-                return 1;
-            }
-            Sink::Stash | Sink::Drain if self.backlog.borrow().len() < BACKLOG_FRAMES => {
-                self.backlog
-                    .borrow_mut()
-                    .push_back((queue.index, frame.to_vec()));
-            }
-            _ => add(&queue.stats.rx_dropped, 1),
+            return None;
         }
-        0
+        Some(start..end)
     }
 
     /// A received RNDIS message that is not a data frame.
@@ -1283,6 +1410,62 @@ impl NetvscNic {
         Err(NicError::Busy)
     }
 
+    /// Writes a prepared send to `queue`'s ring: inside an open batch it is only staged
+    /// (published by the batch's end, or once [`UNPUBLISHED_SENDS_MAX`] wait), otherwise
+    /// published at once. A ring full of sends the host cannot see yet is published
+    /// before the send is refused, so that the host can make room.
+    fn write_send(
+        &self,
+        queue: &Queue,
+        prepared: &mut PreparedPacket,
+    ) -> Result<hvnet_vmbus::ring::WriteResult, RingError> {
+        let ring = queue.channel.ring();
+        if !self.batch_open.get() {
+            return ring.try_write_prepared(prepared);
+        }
+        let staged = match ring.stage_prepared(prepared) {
+            Err(RingError::Full { .. }) if ring.has_unpublished() => {
+                self.publish_queue(queue)?;
+                ring.stage_prepared(prepared)
+            }
+            staged => staged,
+        };
+        staged?;
+        let waiting = queue.unpublished_sends.get() + 1;
+        queue.unpublished_sends.set(waiting);
+        if waiting >= UNPUBLISHED_SENDS_MAX {
+            self.publish_queue(queue)?;
+        } else {
+            queue.deferred.set(true);
+        }
+        Ok(hvnet_vmbus::ring::WriteResult { signal: false })
+    }
+
+    /// Publishes what was staged on `queue`'s ring, signalling if the host asks for it.
+    fn publish_queue(&self, queue: &Queue) -> Result<(), RingError> {
+        queue.unpublished_sends.set(0);
+        if queue.channel.ring().publish()?.signal {
+            queue.channel.signal_host();
+        }
+        Ok(())
+    }
+
+    /// Ends the open batch, if any: every queue a poll or a send of it touched stages
+    /// its completions, publishes, and hands the read space back, with one signal.
+    fn finish_deferred(&self) {
+        self.batch_open.set(false);
+        let queues = self.queues.borrow();
+        for queue in queues.iter().filter(|q| q.deferred.replace(false)) {
+            queue.unpublished_sends.set(0);
+            let done = self
+                .flush_acks(queue)
+                .and_then(|_| self.finish_batch(queue));
+            if let Err(e) = done {
+                debug!("netvsc {}: queue {} batch end: {e}", self.id, queue.index);
+            }
+        }
+    }
+
     fn give_back(&self, section: u32, queue: u16) {
         if let Some(s) = self.send.borrow_mut().as_mut() {
             s.sections.give_back(section, queue);
@@ -1310,7 +1493,7 @@ impl NetvscNic {
                 // SEND_RNDIS_PKT: section index at 8, its used size at 12.
                 let where_ = u64::from(section) | u64::from(size) << 32;
                 prepared.payload_mut()[8..16].copy_from_slice(&where_.to_le_bytes());
-                ring.try_write_prepared(prepared)
+                self.write_send(queue, prepared)
             }
             _ => {
                 let msg = NvspMessage::SendRndisPacket(SendRndisPacket {
@@ -1471,40 +1654,17 @@ impl Nic for NetvscNic {
         if self.removed.get() {
             return 0;
         }
-        let mut delivered = 0;
-        while delivered < budget {
-            let Some((index, frame)) = self.backlog.borrow_mut().pop_front() else {
-                break;
-            };
-            deliver(&frame);
-            delivered += 1;
-            if let Some(q) = self.queue(index) {
-                add(&q.stats.rx_packets, 1);
-                add(&q.stats.rx_bytes, frame.len() as u64);
-            }
-        }
-        let count = self.queues.borrow().len();
-        if count == 0 || self.paused.get() {
+        let delivered = self.serve_backlog(budget, deliver);
+        if delivered >= budget || self.paused.get() {
             return delivered;
         }
-        // Round robin without allocating: this runs once per frame the network side
-        // takes. A queue detached meanwhile just ends the round early.
-        let start = self.rx_cursor.get() % count;
-        self.rx_cursor.set(start + 1);
-        let mut sink = Sink::Deliver(deliver);
-        for i in 0..count {
-            if delivered >= budget {
-                break;
-            }
-            let Some(q) = self.queues.borrow().get((start + i) % count).cloned() else {
-                break;
-            };
-            match self.poll_queue(&q, &mut sink, budget - delivered) {
-                Ok(n) => delivered += n,
-                Err(e) => debug!("netvsc {}: queue {} poll: {e}", self.id, q.index),
-            }
+        if self.batch_open.get() && budget - delivered < READ_AHEAD {
+            // A batch takes frames one or a few at a time: one pass over the rings reads
+            // ahead for all of its calls.
+            self.poll_round(&mut Sink::Ahead, READ_AHEAD);
+            return delivered + self.serve_backlog(budget - delivered, deliver);
         }
-        delivered
+        delivered + self.poll_round(&mut Sink::Deliver(deliver), budget - delivered)
     }
 
     fn transmit(&self, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> Result<(), NicError> {
@@ -1547,8 +1707,18 @@ impl Nic for NetvscNic {
         self.free_send_sections() > 0
     }
 
+    fn begin_batch(&self) {
+        self.batch_open.set(true);
+    }
+
+    fn end_batch(&self) {
+        self.finish_deferred();
+    }
+
     fn changed(&self) -> NicFuture<'_> {
         alloc::boxed::Box::pin(async move {
+            // Nothing held back may wait with the caller (a batch left open).
+            self.finish_deferred();
             let seen = self.seen_generation.get();
             let queues = self.open_queue_list();
             let ready = self.removed.get()

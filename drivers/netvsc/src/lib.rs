@@ -11,6 +11,7 @@
 
 extern crate alloc;
 
+mod backlog;
 pub mod config;
 pub mod device;
 pub mod driver;

@@ -122,6 +122,20 @@ pub trait Nic: core::any::Any {
     fn transmit(&self, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> Result<(), NicError>;
     /// Whether [`Nic::transmit`] of a maximum-size frame would not return `Busy` now.
     fn can_transmit(&self) -> bool;
+    /// Opens a batch: until [`Nic::end_batch`] the driver may hold back what it owes
+    /// the host - sends not yet made visible, completions of received frames, the
+    /// consumed ring space - so that a whole poll's worth costs one publication and at
+    /// most one signal per queue instead of one per frame (Linux's `xmit_more` and the
+    /// NAPI poll's single completion flush). The network side opens one at the start of
+    /// every poll of the interface and ends it before it waits. Without one, every
+    /// `receive` and `transmit` reaches the host before it returns.
+    ///
+    /// A driver that defers must still be safe if a batch is never ended: it flushes
+    /// before [`Nic::changed`] waits, and it bounds how much it holds back.
+    fn begin_batch(&self) {}
+    /// Ends the batch [`Nic::begin_batch`] opened: everything held back reaches the host
+    /// now, with at most one signal per queue. Harmless without an open batch.
+    fn end_batch(&self) {}
     /// Resolves once something may have changed since the last call: a frame arrived,
     /// send room freed up, the link changed, or the NIC was removed.
     fn changed(&self) -> NicFuture<'_>;

@@ -1,0 +1,184 @@
+//! Received frames held by the driver until the network side takes them.
+//!
+//! Two things put frames here: reading ahead (inside a batch, one ring pass fills the
+//! backlog and the network side's one-frame `receive` calls are then served from it, so
+//! a poll pays for one pass over the rings, not one per frame), and a sender digging
+//! for send completions behind received frames. The frames live in one private arena:
+//! each RNDIS message is copied out of the shared receive buffer straight into it and
+//! parsed there, so reading ahead adds no copy and no allocation per frame.
+//!
+//! The arena is bounded in bytes and in frames; it is emptied front to back and starts
+//! over from its beginning once empty.
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+use core::ops::Range;
+
+/// One frame in the arena.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    queue: u16,
+    start: u32,
+    end: u32,
+}
+
+/// A bounded FIFO of received frames in one arena. See the [module docs](self).
+#[derive(Debug)]
+pub(crate) struct Backlog {
+    arena: Vec<u8>,
+    /// Arena bytes in use (from 0): frames are only ever appended at `used`.
+    used: usize,
+    frames: VecDeque<Held>,
+    max_bytes: usize,
+    max_frames: usize,
+}
+
+impl Backlog {
+    /// An empty backlog of at most `max_frames` frames in `max_bytes` of arena (allocated
+    /// on first use).
+    pub(crate) fn new(max_bytes: usize, max_frames: usize) -> Self {
+        Self {
+            arena: Vec::new(),
+            used: 0,
+            frames: VecDeque::new(),
+            max_bytes,
+            max_frames,
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Whether a message of `len` bytes can be added now.
+    pub(crate) fn has_room(&self, len: usize) -> bool {
+        self.frames.len() < self.max_frames && len <= self.max_bytes - self.used
+    }
+
+    /// Room for `len` bytes at the end of the arena, to copy a message into; `None` if
+    /// the backlog is full. Nothing is held until [`commit`](Self::commit).
+    pub(crate) fn reserve(&mut self, len: usize) -> Option<&mut [u8]> {
+        if !self.has_room(len) {
+            return None;
+        }
+        let end = self.used + len;
+        if self.arena.len() < end {
+            // Grown geometrically from a first 16 KiB, up to the bound.
+            let grown = end.max(self.arena.len() * 2).max(16 * 1024);
+            self.arena.resize(grown.min(self.max_bytes), 0);
+        }
+        Some(&mut self.arena[self.used..end])
+    }
+
+    /// Holds the frame at `frame` of the last [`reserve`](Self::reserve)d room (of
+    /// `reserved` bytes), received on `queue`. A frame outside the room is not held.
+    pub(crate) fn commit(&mut self, queue: u16, reserved: usize, frame: Range<usize>) -> bool {
+        if frame.start > frame.end || frame.end > reserved || !self.has_room(reserved) {
+            return false;
+        }
+        // `max_bytes` bounds every offset; a backlog is far below 4 GiB.
+        let (Ok(start), Ok(end)) = (
+            u32::try_from(self.used + frame.start),
+            u32::try_from(self.used + frame.end),
+        ) else {
+            return false;
+        };
+        self.frames.push_back(Held { queue, start, end });
+        self.used += reserved;
+        true
+    }
+
+    /// The oldest frame and its queue, without taking it.
+    pub(crate) fn front(&self) -> Option<(u16, &[u8])> {
+        let held = self.frames.front()?;
+        let frame = self.arena.get(held.start as usize..held.end as usize)?;
+        Some((held.queue, frame))
+    }
+
+    /// Drops the oldest frame; once none is left the arena starts over.
+    pub(crate) fn pop(&mut self) {
+        self.frames.pop_front();
+        if self.frames.is_empty() {
+            self.used = 0;
+        }
+    }
+
+    /// Drops every frame.
+    pub(crate) fn clear(&mut self) {
+        self.frames.clear();
+        self.used = 0;
+    }
+
+    /// Drops every frame and gives the arena's memory back.
+    pub(crate) fn release(&mut self) {
+        self.clear();
+        self.arena = Vec::new();
+        self.frames = VecDeque::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Copies `frame` in, as a receive path copies a message.
+    fn push(b: &mut Backlog, queue: u16, frame: &[u8]) -> bool {
+        let Some(room) = b.reserve(frame.len()) else {
+            return false;
+        };
+        room.copy_from_slice(frame);
+        b.commit(queue, frame.len(), 0..frame.len())
+    }
+
+    fn take(b: &mut Backlog) -> Option<(u16, Vec<u8>)> {
+        let out = b.front().map(|(q, f)| (q, f.to_vec()));
+        b.pop();
+        out
+    }
+
+    #[test]
+    fn frames_come_out_in_order_and_the_arena_starts_over() {
+        let mut b = Backlog::new(64, 8);
+        assert!(push(&mut b, 1, b"first"));
+        let room = b.reserve(10).expect("room");
+        room.copy_from_slice(b"hdr-second");
+        assert!(b.commit(2, 10, 4..10));
+        assert_eq!(b.frames.len(), 2);
+        assert_eq!(take(&mut b), Some((1, b"first".to_vec())));
+        assert_eq!(take(&mut b), Some((2, b"second".to_vec())));
+        assert!(b.is_empty());
+        // Empty: the whole arena is free again.
+        assert!(b.has_room(64));
+        assert_eq!(take(&mut b), None);
+    }
+
+    #[test]
+    fn bounds_in_bytes_and_frames_are_kept() {
+        let mut b = Backlog::new(16, 2);
+        assert!(push(&mut b, 0, &[1; 10]));
+        assert!(!b.has_room(7));
+        assert!(b.reserve(7).is_none());
+        assert!(push(&mut b, 0, &[2; 6]));
+        // Bytes are used up and so are the frames.
+        assert!(!push(&mut b, 0, &[]));
+        b.pop();
+        // Not empty yet: the arena does not start over.
+        assert!(!b.has_room(1));
+        b.pop();
+        assert!(push(&mut b, 0, &[3; 16]));
+    }
+
+    #[test]
+    fn a_frame_outside_its_room_is_not_held() {
+        let mut b = Backlog::new(32, 4);
+        let _ = b.reserve(8).expect("room");
+        assert!(!b.commit(0, 8, 4..9));
+        #[allow(clippy::reversed_empty_ranges)]
+        let backwards = 6..5;
+        assert!(!b.commit(0, 8, backwards));
+        assert!(!b.commit(0, 40, 0..1));
+        assert!(b.is_empty());
+        b.release();
+        assert!(push(&mut b, 0, b"ok"));
+    }
+}
