@@ -10,14 +10,12 @@
 //! The arena is bounded in bytes and in frames; it is emptied front to back and starts
 //! over from its beginning once empty.
 
-use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::ops::Range;
 
 /// One frame in the arena.
 #[derive(Clone, Copy, Debug)]
 struct Held {
-    queue: u16,
     start: u32,
     end: u32,
 }
@@ -28,7 +26,9 @@ pub(crate) struct Backlog {
     arena: Vec<u8>,
     /// Arena bytes in use (from 0): frames are only ever appended at `used`.
     used: usize,
-    frames: VecDeque<Held>,
+    /// Frames held, oldest first, from `head` on (those before were taken).
+    frames: Vec<Held>,
+    head: usize,
     max_bytes: usize,
     max_frames: usize,
 }
@@ -40,23 +40,27 @@ impl Backlog {
         Self {
             arena: Vec::new(),
             used: 0,
-            frames: VecDeque::new(),
+            frames: Vec::new(),
+            head: 0,
             max_bytes,
             max_frames,
         }
     }
 
+    #[inline]
     pub(crate) fn is_empty(&self) -> bool {
-        self.frames.is_empty()
+        self.head == self.frames.len()
     }
 
     /// Whether a message of `len` bytes can be added now.
+    #[inline]
     pub(crate) fn has_room(&self, len: usize) -> bool {
-        self.frames.len() < self.max_frames && len <= self.max_bytes - self.used
+        self.frames.len() - self.head < self.max_frames && len <= self.max_bytes - self.used
     }
 
     /// Room for `len` bytes at the end of the arena, to copy a message into; `None` if
     /// the backlog is full. Nothing is held until [`commit`](Self::commit).
+    #[inline]
     pub(crate) fn reserve(&mut self, len: usize) -> Option<&mut [u8]> {
         if !self.has_room(len) {
             return None;
@@ -71,9 +75,11 @@ impl Backlog {
     }
 
     /// Holds the frame at `frame` of the last [`reserve`](Self::reserve)d room (of
-    /// `reserved` bytes), received on `queue`. A frame outside the room is not held.
-    pub(crate) fn commit(&mut self, queue: u16, reserved: usize, frame: Range<usize>) -> bool {
-        if frame.start > frame.end || frame.end > reserved || !self.has_room(reserved) {
+    /// `reserved` bytes). A frame outside the room is not held.
+    #[inline]
+    pub(crate) fn commit(&mut self, reserved: usize, frame: Range<usize>) -> bool {
+        if frame.start > frame.end || frame.end > reserved || reserved > self.arena.len() - self.used
+        {
             return false;
         }
         // `max_bytes` bounds every offset; a backlog is far below 4 GiB.
@@ -83,37 +89,37 @@ impl Backlog {
         ) else {
             return false;
         };
-        self.frames.push_back(Held { queue, start, end });
+        self.frames.push(Held { start, end });
         self.used += reserved;
         true
     }
 
-    /// The oldest frame and its queue, without taking it.
-    pub(crate) fn front(&self) -> Option<(u16, &[u8])> {
-        let held = self.frames.front()?;
-        let frame = self.arena.get(held.start as usize..held.end as usize)?;
-        Some((held.queue, frame))
+    /// The oldest frame, without taking it.
+    #[inline]
+    pub(crate) fn front(&self) -> Option<&[u8]> {
+        let held = self.frames.get(self.head)?;
+        self.arena.get(held.start as usize..held.end as usize)
     }
 
     /// Drops the oldest frame; once none is left the arena starts over.
+    #[inline]
     pub(crate) fn pop(&mut self) {
-        self.frames.pop_front();
-        if self.frames.is_empty() {
+        if self.head < self.frames.len() {
+            self.head += 1;
+        }
+        if self.head == self.frames.len() {
+            self.frames.clear();
+            self.head = 0;
             self.used = 0;
         }
     }
 
-    /// Drops every frame.
-    pub(crate) fn clear(&mut self) {
-        self.frames.clear();
-        self.used = 0;
-    }
-
     /// Drops every frame and gives the arena's memory back.
     pub(crate) fn release(&mut self) {
-        self.clear();
         self.arena = Vec::new();
-        self.frames = VecDeque::new();
+        self.frames = Vec::new();
+        self.head = 0;
+        self.used = 0;
     }
 }
 
@@ -122,16 +128,16 @@ mod tests {
     use super::*;
 
     /// Copies `frame` in, as a receive path copies a message.
-    fn push(b: &mut Backlog, queue: u16, frame: &[u8]) -> bool {
+    fn push(b: &mut Backlog, frame: &[u8]) -> bool {
         let Some(room) = b.reserve(frame.len()) else {
             return false;
         };
         room.copy_from_slice(frame);
-        b.commit(queue, frame.len(), 0..frame.len())
+        b.commit(frame.len(), 0..frame.len())
     }
 
-    fn take(b: &mut Backlog) -> Option<(u16, Vec<u8>)> {
-        let out = b.front().map(|(q, f)| (q, f.to_vec()));
+    fn take(b: &mut Backlog) -> Option<Vec<u8>> {
+        let out = b.front().map(<[u8]>::to_vec);
         b.pop();
         out
     }
@@ -139,13 +145,13 @@ mod tests {
     #[test]
     fn frames_come_out_in_order_and_the_arena_starts_over() {
         let mut b = Backlog::new(64, 8);
-        assert!(push(&mut b, 1, b"first"));
+        assert!(push(&mut b, b"first"));
         let room = b.reserve(10).expect("room");
         room.copy_from_slice(b"hdr-second");
-        assert!(b.commit(2, 10, 4..10));
-        assert_eq!(b.frames.len(), 2);
-        assert_eq!(take(&mut b), Some((1, b"first".to_vec())));
-        assert_eq!(take(&mut b), Some((2, b"second".to_vec())));
+        assert!(b.commit(10, 4..10));
+        assert_eq!(b.frames.len() - b.head, 2);
+        assert_eq!(take(&mut b), Some(b"first".to_vec()));
+        assert_eq!(take(&mut b), Some(b"second".to_vec()));
         assert!(b.is_empty());
         // Empty: the whole arena is free again.
         assert!(b.has_room(64));
@@ -155,30 +161,30 @@ mod tests {
     #[test]
     fn bounds_in_bytes_and_frames_are_kept() {
         let mut b = Backlog::new(16, 2);
-        assert!(push(&mut b, 0, &[1; 10]));
+        assert!(push(&mut b, &[1; 10]));
         assert!(!b.has_room(7));
         assert!(b.reserve(7).is_none());
-        assert!(push(&mut b, 0, &[2; 6]));
+        assert!(push(&mut b, &[2; 6]));
         // Bytes are used up and so are the frames.
-        assert!(!push(&mut b, 0, &[]));
+        assert!(!push(&mut b, &[]));
         b.pop();
         // Not empty yet: the arena does not start over.
         assert!(!b.has_room(1));
         b.pop();
-        assert!(push(&mut b, 0, &[3; 16]));
+        assert!(push(&mut b, &[3; 16]));
     }
 
     #[test]
     fn a_frame_outside_its_room_is_not_held() {
         let mut b = Backlog::new(32, 4);
         let _ = b.reserve(8).expect("room");
-        assert!(!b.commit(0, 8, 4..9));
+        assert!(!b.commit(8, 4..9));
         #[allow(clippy::reversed_empty_ranges)]
         let backwards = 6..5;
-        assert!(!b.commit(0, 8, backwards));
-        assert!(!b.commit(0, 40, 0..1));
+        assert!(!b.commit(8, backwards));
+        assert!(!b.commit(40, 0..1));
         assert!(b.is_empty());
         b.release();
-        assert!(push(&mut b, 0, b"ok"));
+        assert!(push(&mut b, b"ok"));
     }
 }

@@ -892,24 +892,15 @@ impl NetvscNic {
         // Enough ring bytes for the frames the budget allows and the completions around
         // them (a receive indication is 72 bytes, a send completion 56).
         let window = budget.saturating_mul(RING_BYTES_PER_FRAME).min(READ_WINDOW);
+        if !self.may_read_on(queue, sink, *delivered, budget)? {
+            return Ok(());
+        }
         for _ in 0..SNAPSHOTS_PER_POLL {
             let mut batch = ring.begin_read_windowed(&mut scratch, window)?;
             if batch.is_empty() {
                 return Ok(());
             }
             loop {
-                if *delivered >= budget {
-                    return Ok(());
-                }
-                if matches!(sink, Sink::Ahead | Sink::Stash)
-                    && !self.backlog.borrow().has_room(MAX_RX_MESSAGE)
-                {
-                    return Ok(());
-                }
-                if !self.room_for_acks(queue)? {
-                    // The ring has no room for more completions: stop reading.
-                    return Ok(());
-                }
                 let incoming = match batch.next(MAX_RING_PACKET) {
                     Ok(Some(incoming)) => incoming,
                     Ok(None) => break,
@@ -937,7 +928,11 @@ impl NetvscNic {
                                     ranges,
                                     packet.payload,
                                     sink,
-                                )
+                                );
+                                // Only receive indications use up what reading needs.
+                                if !self.may_read_on(queue, sink, *delivered, budget)? {
+                                    return Ok(());
+                                }
                             }
                             PacketKind::GpaDirect { .. } => {
                                 self.malformed(format_args!("GPA-direct packet from the host"))
@@ -950,6 +945,28 @@ impl NetvscNic {
             }
         }
         Ok(())
+    }
+
+    /// Whether another packet may be read: the budget is not spent, the backlog has room
+    /// for a message if the frames go there (draining reads on regardless), and the ring
+    /// has room for the completions gathered (reading more would only add to them).
+    #[inline]
+    fn may_read_on(
+        &self,
+        queue: &Queue,
+        sink: &Sink<'_>,
+        delivered: usize,
+        budget: usize,
+    ) -> Result<bool, NetvscError> {
+        if delivered >= budget {
+            return Ok(false);
+        }
+        if matches!(sink, Sink::Ahead | Sink::Stash)
+            && !self.backlog.borrow().has_room(MAX_RX_MESSAGE)
+        {
+            return Ok(false);
+        }
+        self.room_for_acks(queue)
     }
 
     /// Whether the completions gathered on `queue` leave room for another packet's: at
@@ -981,24 +998,13 @@ impl NetvscNic {
         let mut delivered = 0;
         while delivered < budget {
             let backlog = self.backlog.borrow();
-            let Some((index, frame)) = backlog.front() else {
+            let Some(frame) = backlog.front() else {
                 break;
             };
             deliver(frame);
-            let len = frame.len() as u64;
             drop(backlog);
             self.backlog.borrow_mut().pop();
             delivered += 1;
-            let queues = self.queues.borrow();
-            // Queues are sorted by index and usually dense.
-            let queue = match queues.get(usize::from(index)) {
-                Some(q) if q.index == index => Some(q),
-                _ => queues.iter().find(|q| q.index == index),
-            };
-            if let Some(q) = queue {
-                add(&q.stats.rx_packets, 1);
-                add(&q.stats.rx_bytes, len);
-            }
         }
         delivered
     }
@@ -1231,7 +1237,11 @@ impl NetvscNic {
                 let Some(frame) = self.take_message(queue, offset, room) else {
                     return 0;
                 };
-                if backlog.commit(queue.index, len, frame) {
+                let frame_len = frame.len() as u64;
+                if backlog.commit(len, frame) {
+                    // Counted as received once off the ring, as a delivered frame is.
+                    add(&queue.stats.rx_packets, 1);
+                    add(&queue.stats.rx_bytes, frame_len);
                     return 1;
                 }
                 add(&queue.stats.rx_dropped, 1);
