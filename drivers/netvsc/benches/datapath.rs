@@ -4,11 +4,12 @@
 //! the product's default buffer and ring sizes. Then the simulation is left and a loop of
 //! plain synchronous calls moves frames:
 //!
-//! - `--dir rx`: the host queues frames in batches of 64 (256 UDP flows, so RSS spreads
-//!   them over the queues), and the guest polls as `hvnet-net`'s interface poll does: a
+//! - `--dir rx`: the host queues 64 frames per queue at a time (256 UDP flows, so RSS
+//!   spreads them over the queues), and the guest polls as `hvnet-net`'s interface poll does: a
 //!   NIC batch opened, one `receive(1, ..)` per frame (at most 64), the batch ended.
 //! - `--dir tx`: per poll the guest opens a batch, reaps send completions by receiving,
-//!   `transmit`s 64 frames (256 flows) and ends the batch; the host drains what it got.
+//!   `transmit`s up to 64 frames per queue (256 flows) and ends the batch; the host
+//!   drains what it got.
 //! - `--bulk-receive`: receive with one `receive(usize::MAX, ..)` call per poll instead.
 //!
 //! The measured loop is `hvnet_bench_loop`; everything that is not the guest driver is
@@ -318,19 +319,22 @@ fn receive_poll(b: &Bench, bulk: bool, deliver: &mut dyn FnMut(&[u8])) -> usize 
 }
 
 /// RX: `n` frames from the host to the guest. Each round the host queues `BATCH`
-/// frames, then the guest polls as the interface does: a batch opened, the frames
-/// received, the batch ended (completions and read space back to the host at once).
-/// Returns frames received.
+/// frames per queue (a loaded NIC: RSS spreads the flows, every queue has about a poll's
+/// worth waiting), then the guest polls as the interface does until it has them all: a
+/// batch opened, up to `BATCH` frames received, the batch ended (completions and read
+/// space back to the host at once). Returns frames received.
 #[inline(always)]
 fn rx_loop(b: &Bench, bulk: bool, n: usize) -> usize {
     let bytes = Cell::new(0u64);
     let mut deliver = |f: &[u8]| hvnet_bench_deliver(f, &bytes);
     let mut got = 0;
     let mut next = 0;
-    let mut batch: Vec<&[u8]> = Vec::with_capacity(BATCH);
+    let mut batch: Vec<&[u8]> = Vec::with_capacity(BATCH * 8);
+    // A loaded NIC: every queue has a poll's worth waiting (RSS spreads the flows).
+    let round = BATCH * b.nic.queue_count();
     while got < n {
         batch.clear();
-        let want = BATCH.min(n - got);
+        let want = round.min(n - got);
         for _ in 0..want {
             batch.push(&b.frames[next % b.frames.len()]);
             next += 1;
@@ -354,20 +358,23 @@ fn rx_loop(b: &Bench, bulk: bool, n: usize) -> usize {
     got
 }
 
-/// TX: `n` frames from the guest to the host, `BATCH` per poll as the interface sends
-/// a burst: a batch opened, send completions reaped by receiving, the frames sent, the
-/// batch ended (one publication per queue); then the host takes what it got. Returns
-/// frames the host got.
+/// TX: `n` frames from the guest to the host, up to `BATCH` per queue per poll (a
+/// loaded NIC: many flows, spread over the queues by the host's send table), as the
+/// interface sends a burst: a batch opened, send completions reaped by receiving, the
+/// frames sent until they are done or the send buffer is full, the batch ended (one
+/// publication per queue); then the host takes what it got. Returns frames the host
+/// got.
 #[inline(always)]
 fn tx_loop(b: &Bench, bulk: bool, n: usize) -> usize {
     let mut taken = 0;
     let mut sent = 0;
     let mut busy = 0;
+    let burst = BATCH * b.nic.queue_count();
     while sent < n {
         b.nic.begin_batch();
         receive_poll(b, bulk, &mut |_| {});
         let mut this = 0;
-        while this < BATCH && sent < n {
+        while this < burst && sent < n {
             let frame = &b.frames[sent % b.frames.len()];
             let mut fill = |dst: &mut [u8]| hvnet_bench_fill(dst, frame);
             match b.nic.transmit(frame.len(), &mut fill) {

@@ -39,13 +39,13 @@ use hvnet_runtime::{Duration, Handle};
 use hvnet_vmbus::bus::{Device, OpenedChannel};
 use hvnet_vmbus::channel::{BoxFuture, ChannelError};
 use hvnet_vmbus::memory::SharedBuffer;
-use hvnet_vmbus::ring::{Incoming, OutgoingPacket, PreparedPacket, RingError};
+use hvnet_vmbus::ring::{OutgoingPacket, PreparedPacket, RawIncoming, RingError};
 use hvnet_wire::nvsp::{
     parse_fixed, NvspMessage, NvspMessageType, NvspStatus, NvspVersion, SendRndisPacket,
     SendRndisPacketComplete, NETVSC_RECEIVE_BUFFER_ID, NVSP_CHANNEL_TYPE_CONTROL,
     NVSP_CHANNEL_TYPE_DATA, VRSS_CHANNEL_MAX, VRSS_SEND_TAB_SIZE,
 };
-use hvnet_wire::ring::{PacketKind, VmTransferPageHeader, VmTransferPageRange};
+use hvnet_wire::ring::{Packet, PacketKind, VmTransferPageHeader, VmTransferPageRange};
 use hvnet_wire::rndis::{
     Ndis8021qInfo, PacketView, PerPacketInfo, PpiType, RndisHeader, RndisMessage, RndisMessageType,
     RndisPacket, RndisStatus, PPI_HEADER_SIZE, RNDIS_HEADER_SIZE,
@@ -178,12 +178,14 @@ impl Sink<'_> {
 }
 
 /// Frames the backlog holds; past it the rings are left alone (the host queues).
-const BACKLOG_FRAMES: usize = 256;
+const BACKLOG_FRAMES: usize = 512;
 /// Arena bytes of the backlog (private memory, allocated on first use): 64 frames of
 /// 1514 bytes with their RNDIS headers fit, and a poll stops reading ahead while less
 /// than one largest message ([`MAX_RX_MESSAGE`]) is free.
 const BACKLOG_BYTES: usize = 128 * 1024;
-/// Frames one read-ahead pass takes off the rings (the network side's poll budget).
+/// Frames one read-ahead pass takes off each queue's ring (a NAPI poll's budget), so
+/// that under load every queue's batch end - completions staged, ring space handed
+/// back, a signal - is shared by this many frames. The arena bounds the pass as well.
 const READ_AHEAD: usize = 64;
 
 /// Sends a queue holds back inside an open batch before it publishes them anyway, so
@@ -901,8 +903,12 @@ impl NetvscNic {
                 return Ok(());
             }
             loop {
-                let incoming = match batch.next(MAX_RING_PACKET) {
-                    Ok(Some(incoming)) => incoming,
+                let bytes = match batch.next_raw(MAX_RING_PACKET) {
+                    Ok(Some(RawIncoming::Packet(bytes))) => bytes,
+                    Ok(Some(RawIncoming::TooLong(n))) => {
+                        self.malformed(format_args!("{n}-byte ring packet"));
+                        continue;
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         warn!(
@@ -912,8 +918,13 @@ impl NetvscNic {
                         return Err(e.into());
                     }
                 };
-                match incoming {
-                    Incoming::Packet(packet) => {
+                if let Some((trans_id, payload)) = Packet::completion_payload(bytes) {
+                    // Most of what a sending queue reads.
+                    self.on_completion(queue, trans_id, payload);
+                    continue;
+                }
+                match Packet::parse(bytes) {
+                    Ok(packet) => {
                         let trans_id = packet.descriptor.trans_id.get();
                         match packet.kind {
                             PacketKind::Completion => {
@@ -939,8 +950,7 @@ impl NetvscNic {
                             }
                         }
                     }
-                    Incoming::Malformed(e) => self.malformed(format_args!("ring packet: {e:?}")),
-                    Incoming::TooLong(n) => self.malformed(format_args!("{n}-byte ring packet")),
+                    Err(e) => self.malformed(format_args!("ring packet: {e:?}")),
                 }
             }
         }
@@ -994,6 +1004,7 @@ impl NetvscNic {
     }
 
     /// Hands up to `budget` frames of the backlog to `deliver`; returns how many.
+    #[inline]
     fn serve_backlog(&self, budget: usize, deliver: &mut dyn FnMut(&[u8])) -> usize {
         let mut delivered = 0;
         while delivered < budget {
@@ -1010,8 +1021,9 @@ impl NetvscNic {
     }
 
     /// One pass over the queues, round robin from a different queue each time, taking
-    /// up to `budget` frames to `sink`. Returns how many were taken.
-    fn poll_round(&self, sink: &mut Sink<'_>, budget: usize) -> usize {
+    /// up to `budget` frames to `sink`, at most `per_queue` from each. Returns how many
+    /// were taken.
+    fn poll_round(&self, sink: &mut Sink<'_>, budget: usize, per_queue: usize) -> usize {
         let count = self.queues.borrow().len();
         if count == 0 {
             return 0;
@@ -1027,7 +1039,7 @@ impl NetvscNic {
             let Some(q) = self.queues.borrow().get((start + i) % count).cloned() else {
                 break;
             };
-            match self.poll_queue(&q, sink, budget - taken) {
+            match self.poll_queue(&q, sink, per_queue.min(budget - taken)) {
                 Ok(n) => taken += n,
                 Err(e) => debug!("netvsc {}: queue {} poll: {e}", self.id, q.index),
             }
@@ -1112,6 +1124,7 @@ impl NetvscNic {
         }
     }
 
+    #[inline(always)]
     fn on_completion(&self, queue: &Queue, trans_id: u64, payload: &[u8]) {
         if trans_id & TX_TAG != 0 && trans_id & CONTROL_TAG == 0 {
             let section = (trans_id & 0xffff_ffff) as u32;
@@ -1173,6 +1186,7 @@ impl NetvscNic {
     }
 
     /// A transfer-page packet: one RNDIS message per range, in the receive buffer.
+    #[inline]
     fn on_receive(
         &self,
         queue: &Queue,
@@ -1223,6 +1237,7 @@ impl NetvscNic {
     /// buffer (into the backlog's arena if the frame is to wait there, else into
     /// scratch), checked, and its frame handed to `sink`. Returns 1 for a frame
     /// delivered or held, else 0.
+    #[inline]
     fn on_rndis_range(
         &self,
         queue: &Queue,
@@ -1276,6 +1291,7 @@ impl NetvscNic {
     /// Copies the RNDIS message at `offset` of the receive buffer into `message` (private
     /// memory of the range's length) and handles it: a data frame's place in `message`
     /// is returned (its VLAN tag put back); control messages are processed here.
+    #[inline]
     fn take_message(
         &self,
         queue: &Queue,
@@ -1310,6 +1326,7 @@ impl NetvscNic {
 
     /// A received data frame (`view` checked against `message`, private memory): the VLAN
     /// tag goes back into the frame. Returns where the frame is in `message`.
+    #[inline]
     fn on_frame(
         &self,
         queue: &Queue,
@@ -1396,6 +1413,7 @@ impl NetvscNic {
 
     /// Takes a free send section on queue `queue` and copies `message` into it, reaping
     /// completions once if no section is free; returns the section.
+    #[inline]
     fn fill_section(&self, queue: u16, message: &[u8]) -> Result<u32, NicError> {
         for attempt in 0..2 {
             {
@@ -1424,6 +1442,7 @@ impl NetvscNic {
     /// (published by the batch's end, or once [`UNPUBLISHED_SENDS_MAX`] wait), otherwise
     /// published at once. A ring full of sends the host cannot see yet is published
     /// before the send is refused, so that the host can make room.
+    #[inline]
     fn write_send(
         &self,
         queue: &Queue,
@@ -1484,6 +1503,7 @@ impl NetvscNic {
 
     /// Copies one RNDIS message into a free send section and sends it on `queue`; the
     /// section comes back with the host's completion.
+    #[inline(always)]
     fn send_section(
         &self,
         queue: &Queue,
@@ -1548,6 +1568,7 @@ impl NetvscNic {
     /// Sends a data frame's RNDIS `message` on the queue the host's send table gives
     /// its flow (`frame`, inside the message); the primary if that queue is not open.
     /// `len` is the frame as the network side wrote it (with its tag, if any).
+    #[inline(always)]
     fn send_frame(
         &self,
         message: &[u8],
@@ -1555,11 +1576,15 @@ impl NetvscNic {
         tagged: bool,
         len: usize,
     ) -> Result<(), NicError> {
-        let entry = flow_hash(frame).map_or(0, |hash| {
-            self.send_table.borrow()[hash as usize % VRSS_SEND_TAB_SIZE]
-        });
-        let index = u16::try_from(entry).unwrap_or(0);
         let queues = self.queues.borrow();
+        // One queue: every flow goes there, no need to hash.
+        let entry = match queues.len() {
+            0 | 1 => 0,
+            _ => flow_hash(frame).map_or(0, |hash| {
+                self.send_table.borrow()[hash as usize % VRSS_SEND_TAB_SIZE]
+            }),
+        };
+        let index = u16::try_from(entry).unwrap_or(0);
         // Queues are sorted by index and usually dense: look where it would be first.
         let queue = match queues.get(usize::from(index)) {
             Some(q) if q.index == index => q,
@@ -1670,11 +1695,12 @@ impl Nic for NetvscNic {
         }
         if self.batch_open.get() && budget - delivered < READ_AHEAD {
             // A batch takes frames one or a few at a time: one pass over the rings reads
-            // ahead for all of its calls.
-            self.poll_round(&mut Sink::Ahead, READ_AHEAD);
+            // ahead for all of its calls (and those of the next batches).
+            self.poll_round(&mut Sink::Ahead, BACKLOG_FRAMES, READ_AHEAD);
             return delivered + self.serve_backlog(budget - delivered, deliver);
         }
-        delivered + self.poll_round(&mut Sink::Deliver(deliver), budget - delivered)
+        let left = budget - delivered;
+        delivered + self.poll_round(&mut Sink::Deliver(deliver), left, left)
     }
 
     fn transmit(&self, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> Result<(), NicError> {

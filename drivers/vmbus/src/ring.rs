@@ -1603,17 +1603,29 @@ impl WindowedBatch<'_, '_> {
     /// batch is done.
     #[inline]
     pub fn next(&mut self, max_packet: usize) -> Result<Option<Incoming<'_>>, RingError> {
+        Ok(self.next_raw(max_packet)?.map(|raw| match raw {
+            RawIncoming::Packet(bytes) => match Packet::parse(bytes) {
+                Ok(packet) => Incoming::Packet(packet),
+                Err(e) => Incoming::Malformed(e),
+            },
+            RawIncoming::TooLong(len) => Incoming::TooLong(len),
+        }))
+    }
+
+    /// Consumes the next packet of the batch and hands over its bytes unparsed
+    /// ([`RawIncoming::Packet`], for a caller with a fast path for its common packets
+    /// that falls back on [`Packet::parse`]) or, if it is longer than `max_packet`, its
+    /// length; `None` once the batch is done.
+    #[inline]
+    pub fn next_raw(&mut self, max_packet: usize) -> Result<Option<RawIncoming<'_>>, RingError> {
         let ring = self.ring;
         ring.inc.check()?;
         match self.next_inner(max_packet) {
-            Ok(Some((Some(at), len))) => match self.buf.get(at..at + len) {
-                Some(bytes) => Ok(Some(match Packet::parse(bytes) {
-                    Ok(packet) => Incoming::Packet(packet),
-                    Err(e) => Incoming::Malformed(e),
-                })),
-                None => Ok(Some(Incoming::TooLong(len))),
-            },
-            Ok(Some((None, len))) => Ok(Some(Incoming::TooLong(len))),
+            Ok(Some((Some(at), len))) => Ok(Some(match self.buf.get(at..at + len) {
+                Some(bytes) => RawIncoming::Packet(bytes),
+                None => RawIncoming::TooLong(len),
+            })),
+            Ok(Some((None, len))) => Ok(Some(RawIncoming::TooLong(len))),
             Ok(None) => Ok(None),
             Err(e) => Err(ring.inc.fail(e)),
         }
@@ -1689,6 +1701,17 @@ impl WindowedBatch<'_, '_> {
         self.have = n;
         Ok(())
     }
+}
+
+/// One packet [`WindowedBatch::next_raw`] consumed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RawIncoming<'a> {
+    /// Its bytes, descriptor included, trailer excluded. The ring checked only that the
+    /// descriptor's offset and length are sane and that the packet lies within what the
+    /// host published; everything else is the parser's job.
+    Packet(&'a [u8]),
+    /// A packet longer than the caller's limit (its length), not read.
+    TooLong(usize),
 }
 
 /// One packet [`WindowedBatch::next`] consumed.
