@@ -94,24 +94,23 @@ impl Backlog {
         true
     }
 
-    /// The oldest frame, without taking it.
+    /// Takes the oldest frame: hands it to `f`, then drops it (once none is left the
+    /// arena starts over). `false` if there was none.
     #[inline]
-    pub(crate) fn front(&self) -> Option<&[u8]> {
-        let held = self.frames.get(self.head)?;
-        self.arena.get(held.start as usize..held.end as usize)
-    }
-
-    /// Drops the oldest frame; once none is left the arena starts over.
-    #[inline]
-    pub(crate) fn pop(&mut self) {
-        if self.head < self.frames.len() {
-            self.head += 1;
+    pub(crate) fn take(&mut self, f: impl FnOnce(&[u8])) -> bool {
+        let Some(held) = self.frames.get(self.head) else {
+            return false;
+        };
+        if let Some(frame) = self.arena.get(held.start as usize..held.end as usize) {
+            f(frame);
         }
+        self.head += 1;
         if self.head == self.frames.len() {
             self.frames.clear();
             self.head = 0;
             self.used = 0;
         }
+        true
     }
 
     /// Drops every frame and gives the arena's memory back.
@@ -126,6 +125,7 @@ impl Backlog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::vec;
 
     /// Copies `frame` in, as a receive path copies a message.
     fn push(b: &mut Backlog, frame: &[u8]) -> bool {
@@ -137,8 +137,8 @@ mod tests {
     }
 
     fn take(b: &mut Backlog) -> Option<Vec<u8>> {
-        let out = b.front().map(<[u8]>::to_vec);
-        b.pop();
+        let mut out = None;
+        b.take(|f| out = Some(f.to_vec()));
         out
     }
 
@@ -167,10 +167,10 @@ mod tests {
         assert!(push(&mut b, &[2; 6]));
         // Bytes are used up and so are the frames.
         assert!(!push(&mut b, &[]));
-        b.pop();
+        assert_eq!(take(&mut b), Some(vec![1; 10]));
         // Not empty yet: the arena does not start over.
         assert!(!b.has_room(1));
-        b.pop();
+        assert_eq!(take(&mut b), Some(vec![2; 6]));
         assert!(push(&mut b, &[3; 16]));
     }
 

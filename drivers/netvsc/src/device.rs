@@ -1007,14 +1007,10 @@ impl NetvscNic {
     #[inline]
     fn serve_backlog(&self, budget: usize, deliver: &mut dyn FnMut(&[u8])) -> usize {
         let mut delivered = 0;
-        while delivered < budget {
-            let backlog = self.backlog.borrow();
-            let Some(frame) = backlog.front() else {
-                break;
-            };
-            deliver(frame);
-            drop(backlog);
-            self.backlog.borrow_mut().pop();
+        // Held while `deliver` runs: a send from inside it does not stash (see
+        // `reap_completions`).
+        let mut backlog = self.backlog.borrow_mut();
+        while delivered < budget && backlog.take(&mut *deliver) {
             delivered += 1;
         }
         delivered
