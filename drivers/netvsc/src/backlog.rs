@@ -78,7 +78,9 @@ impl Backlog {
     /// `reserved` bytes). A frame outside the room is not held.
     #[inline]
     pub(crate) fn commit(&mut self, reserved: usize, frame: Range<usize>) -> bool {
-        if frame.start > frame.end || frame.end > reserved || reserved > self.arena.len() - self.used
+        if frame.start > frame.end
+            || frame.end > reserved
+            || reserved > self.arena.len() - self.used
         {
             return false;
         }

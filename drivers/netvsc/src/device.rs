@@ -45,7 +45,7 @@ use hvnet_wire::nvsp::{
     SendRndisPacketComplete, NETVSC_RECEIVE_BUFFER_ID, NVSP_CHANNEL_TYPE_CONTROL,
     NVSP_CHANNEL_TYPE_DATA, VRSS_CHANNEL_MAX, VRSS_SEND_TAB_SIZE,
 };
-use hvnet_wire::ring::{Packet, PacketKind, VmTransferPageHeader, VmTransferPageRange};
+use hvnet_wire::ring::{PacketKind, VmTransferPageHeader, VmTransferPageRange};
 use hvnet_wire::rndis::{
     Ndis8021qInfo, PacketView, PerPacketInfo, PpiType, RndisHeader, RndisMessage, RndisMessageType,
     RndisPacket, RndisStatus, PPI_HEADER_SIZE, RNDIS_HEADER_SIZE,
@@ -466,6 +466,8 @@ impl NetvscNic {
         self.paused.get()
     }
 
+    #[cold]
+    #[inline(never)]
     fn malformed(&self, what: core::fmt::Arguments<'_>) {
         self.count(|c| c.malformed += 1);
         debug!("netvsc {}: dropped malformed host input: {what}", self.id);
@@ -903,8 +905,8 @@ impl NetvscNic {
                 return Ok(());
             }
             loop {
-                let bytes = match batch.next_raw(MAX_RING_PACKET) {
-                    Ok(Some(RawIncoming::Packet(bytes))) => bytes,
+                let raw = match batch.next_raw(MAX_RING_PACKET) {
+                    Ok(Some(RawIncoming::Packet(raw))) => raw,
                     Ok(Some(RawIncoming::TooLong(n))) => {
                         self.malformed(format_args!("{n}-byte ring packet"));
                         continue;
@@ -918,12 +920,12 @@ impl NetvscNic {
                         return Err(e.into());
                     }
                 };
-                if let Some((trans_id, payload)) = Packet::completion_payload(bytes) {
+                if let Some((trans_id, payload)) = raw.completion() {
                     // Most of what a sending queue reads.
                     self.on_completion(queue, trans_id, payload);
                     continue;
                 }
-                match Packet::parse(bytes) {
+                match raw.parse() {
                     Ok(packet) => {
                         let trans_id = packet.descriptor.trans_id.get();
                         match packet.kind {

@@ -1604,7 +1604,7 @@ impl WindowedBatch<'_, '_> {
     #[inline]
     pub fn next(&mut self, max_packet: usize) -> Result<Option<Incoming<'_>>, RingError> {
         Ok(self.next_raw(max_packet)?.map(|raw| match raw {
-            RawIncoming::Packet(bytes) => match Packet::parse(bytes) {
+            RawIncoming::Packet(raw) => match raw.parse() {
                 Ok(packet) => Incoming::Packet(packet),
                 Err(e) => Incoming::Malformed(e),
             },
@@ -1621,23 +1621,24 @@ impl WindowedBatch<'_, '_> {
         let ring = self.ring;
         ring.inc.check()?;
         match self.next_inner(max_packet) {
-            Ok(Some((Some(at), len))) => Ok(Some(match self.buf.get(at..at + len) {
-                Some(bytes) => RawIncoming::Packet(bytes),
+            Ok(Some((descriptor, Some(at), len))) => Ok(Some(match self.buf.get(at..at + len) {
+                Some(bytes) => RawIncoming::Packet(RawPacket { descriptor, bytes }),
                 None => RawIncoming::TooLong(len),
             })),
-            Ok(Some((None, len))) => Ok(Some(RawIncoming::TooLong(len))),
+            Ok(Some((_, None, len))) => Ok(Some(RawIncoming::TooLong(len))),
             Ok(None) => Ok(None),
             Err(e) => Err(ring.inc.fail(e)),
         }
     }
 
-    /// Finds, checks and consumes the next packet; returns where it lies in `buf` and its
-    /// length (a packet longer than `max_packet` is consumed unread: no place).
+    /// Finds, checks and consumes the next packet; returns its descriptor, where it lies
+    /// in `buf` and its length (a packet longer than `max_packet` is consumed unread: no
+    /// place).
     #[inline]
     fn next_inner(
         &mut self,
         max_packet: usize,
-    ) -> Result<Option<(Option<usize>, usize)>, RingError> {
+    ) -> Result<Option<(VmPacketDescriptor, Option<usize>, usize)>, RingError> {
         let ring = self.ring;
         let geometry = ring.in_ring;
         // Whether the copy was just taken to hold the whole packet at the read position
@@ -1670,7 +1671,7 @@ impl WindowedBatch<'_, '_> {
             };
             if len > max_packet {
                 ring.consume(&next);
-                return Ok(Some((None, len)));
+                return Ok(Some((descriptor, None, len)));
             }
             if at + len > self.have {
                 if sized_for_packet {
@@ -1687,7 +1688,7 @@ impl WindowedBatch<'_, '_> {
                 continue;
             }
             ring.consume(&next);
-            return Ok(Some((Some(at), len)));
+            return Ok(Some((descriptor, Some(at), len)));
         }
     }
 
@@ -1703,13 +1704,41 @@ impl WindowedBatch<'_, '_> {
     }
 }
 
+/// A packet's bytes, descriptor included, trailer excluded, with the descriptor the ring
+/// framed it by (read from these very bytes). The ring checked only that the
+/// descriptor's offset and length are sane and that the packet lies within what the
+/// host published; everything else is the parser's job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawPacket<'a> {
+    descriptor: VmPacketDescriptor,
+    bytes: &'a [u8],
+}
+
+impl<'a> RawPacket<'a> {
+    /// The bytes.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    /// The general parse ([`Packet::parse`]), without reading the descriptor again.
+    #[inline]
+    pub fn parse(&self) -> Result<Packet<'a>, WireError> {
+        Packet::parse_described(self.descriptor, self.bytes)
+    }
+
+    /// A plain completion's transaction id and payload ([`Packet::completion_payload`]),
+    /// `None` for anything else.
+    #[inline]
+    pub fn completion(&self) -> Option<(u64, &'a [u8])> {
+        Packet::completion_payload(&self.descriptor, self.bytes)
+    }
+}
+
 /// One packet [`WindowedBatch::next_raw`] consumed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RawIncoming<'a> {
-    /// Its bytes, descriptor included, trailer excluded. The ring checked only that the
-    /// descriptor's offset and length are sane and that the packet lies within what the
-    /// host published; everything else is the parser's job.
-    Packet(&'a [u8]),
+    /// A well-framed packet.
+    Packet(RawPacket<'a>),
     /// A packet longer than the caller's limit (its length), not read.
     TooLong(usize),
 }

@@ -301,6 +301,18 @@ impl<'a> Packet<'a> {
     pub fn parse(bytes: &'a [u8]) -> Result<Self, WireError> {
         let (descriptor, _) =
             VmPacketDescriptor::read_from_prefix(bytes).map_err(|_| WireError::Truncated)?;
+        Self::parse_described(descriptor, bytes)
+    }
+
+    /// [`Packet::parse`] for a caller that has read the descriptor at the start of
+    /// `bytes` already (a ring reader frames packets by it): `descriptor` must be that
+    /// copy; it is checked here as `parse` checks it, just not read again.
+    #[inline]
+    pub fn parse_described(
+        descriptor: VmPacketDescriptor,
+        bytes: &'a [u8],
+    ) -> Result<Self, WireError> {
+        debug_assert!(bytes.get(..PACKET_DESCRIPTOR_SIZE) == Some(descriptor.as_bytes()));
         descriptor.check()?;
         let packet = sub_slice(bytes, 0, descriptor.packet_len(), WireError::Truncated)?;
         let payload_offset = descriptor.payload_offset();
@@ -354,10 +366,15 @@ impl<'a> Packet<'a> {
     /// A completion packet without headers (`offset8` 2, no flags), as hosts send them,
     /// seen without the general parse: its transaction id and payload. `None` for any
     /// other packet, which [`Packet::parse`] then handles (and for which it would give
-    /// the same answer). A fast path for the packet a sending queue reads most.
+    /// the same answer). A fast path for the packet a sending queue reads most;
+    /// `descriptor` is the one at the start of `bytes`, as for
+    /// [`Packet::parse_described`].
     #[inline]
-    pub fn completion_payload(bytes: &'a [u8]) -> Option<(u64, &'a [u8])> {
-        let (descriptor, _) = VmPacketDescriptor::read_from_prefix(bytes).ok()?;
+    pub fn completion_payload(
+        descriptor: &VmPacketDescriptor,
+        bytes: &'a [u8],
+    ) -> Option<(u64, &'a [u8])> {
+        debug_assert!(bytes.get(..PACKET_DESCRIPTOR_SIZE) == Some(descriptor.as_bytes()));
         let len = descriptor.packet_len();
         if descriptor.packet_type() != VmPacketType::COMP
             || descriptor.offset8.get() != 2
@@ -783,21 +800,27 @@ mod tests {
         );
     }
 
+    /// The completion fast path as a ring reader calls it.
+    fn fast_completion(bytes: &[u8]) -> Option<(u64, &[u8])> {
+        let (descriptor, _) = VmPacketDescriptor::read_from_prefix(bytes).ok()?;
+        Packet::completion_payload(&descriptor, bytes)
+    }
+
     #[test]
     fn the_completion_fast_path_takes_only_plain_completions() {
         let mut buf = [0u8; 24];
         encode_completion(&mut buf, 7, &[108, 0, 0, 0, 1, 0, 0, 0]).unwrap();
         assert_eq!(
-            Packet::completion_payload(&buf),
+            fast_completion(&buf),
             Some((7, &[108, 0, 0, 0, 1, 0, 0, 0][..]))
         );
         // Flags, headers, another type, or bytes short of the length: the general parse.
         for (at, value) in [(6, 1), (2, 3), (0, 6)] {
             let mut other = buf;
             other[at] = value;
-            assert_eq!(Packet::completion_payload(&other), None, "byte {at} = {value}");
+            assert_eq!(fast_completion(&other), None, "byte {at} = {value}");
         }
-        assert_eq!(Packet::completion_payload(&buf[..23]), None);
+        assert_eq!(fast_completion(&buf[..23]), None);
     }
 
     proptest! {
@@ -809,7 +832,7 @@ mod tests {
         ) {
             // Mostly plain completions, so that the agreement is tested, not just `None`.
             bytes[..8].copy_from_slice(&[11, 0, 2, 0, len8 as u8, 0, 0, 0]);
-            if let Some((trans_id, payload)) = Packet::completion_payload(&bytes) {
+            if let Some((trans_id, payload)) = fast_completion(&bytes) {
                 let p = Packet::parse(&bytes).expect("the general parse accepts it too");
                 prop_assert_eq!(p.kind, PacketKind::Completion);
                 prop_assert_eq!(p.trans_id(), trans_id);
