@@ -1809,21 +1809,22 @@ fn write_packet_header(dst: &mut [u8], frame_len: usize, ppi_len: usize) {
     // Frames are bounded by the MTU, so every length fits a u32.
     let body = size_of::<RndisPacket>() as u32;
     let ppi_offset = if ppi_len == 0 { 0 } else { body };
-    let words: [u32; TX_HEADER / 4] = [
-        RndisMessageType::PACKET.0,
-        (TX_HEADER + ppi_len + frame_len) as u32,
-        body + ppi_len as u32,
-        frame_len as u32,
-        0,
-        0,
-        0,
-        ppi_offset,
-        ppi_len as u32,
-        0,
-        0,
+    let words: [hvnet_wire::U32; TX_HEADER / 4] = [
+        RndisMessageType::PACKET.0.into(),
+        ((TX_HEADER + ppi_len + frame_len) as u32).into(),
+        (body + ppi_len as u32).into(),
+        (frame_len as u32).into(),
+        0.into(),
+        0.into(),
+        0.into(),
+        ppi_offset.into(),
+        (ppi_len as u32).into(),
+        0.into(),
+        0.into(),
     ];
-    for (d, w) in dst.chunks_exact_mut(4).zip(words) {
-        d.copy_from_slice(&w.to_le_bytes());
+    // One copy of the whole header.
+    if let Some(dst) = dst.get_mut(..TX_HEADER) {
+        dst.copy_from_slice(words.as_bytes());
     }
 }
 
