@@ -381,6 +381,11 @@ mod tests {
         reentered: Cell<u32>,
         /// Deliver this many frames per call whatever the budget (a buggy driver).
         greedy: Cell<usize>,
+        /// Whether a batch is open, and batches ended so far.
+        batch_open: Cell<bool>,
+        batches: Cell<u32>,
+        /// Frames sent inside a batch.
+        sent_in_batch: Cell<u32>,
     }
 
     impl Nic for Script {
@@ -426,7 +431,18 @@ mod tests {
             let mut frame = vec![0; len];
             fill(&mut frame);
             self.sent.borrow_mut().push(frame);
+            if self.batch_open.get() {
+                self.sent_in_batch.set(self.sent_in_batch.get() + 1);
+            }
             Ok(())
+        }
+        fn begin_batch(&self) {
+            self.batch_open.set(true);
+        }
+        fn end_batch(&self) {
+            if self.batch_open.replace(false) {
+                self.batches.set(self.batches.get() + 1);
+            }
         }
         fn can_transmit(&self) -> bool {
             !self.full.get()
@@ -466,6 +482,21 @@ mod tests {
         // A new poll asks the NIC again.
         dev.begin_poll();
         assert!(dev.receive(T).is_some());
+    }
+
+    #[test]
+    fn a_poll_is_one_nic_batch() {
+        let (script, mut dev) = device(&[b"request"]);
+        dev.begin_poll();
+        assert!(script.batch_open.get());
+        let (rx, tx) = dev.receive(T).expect("token");
+        rx.consume(|frame| tx.consume(frame.len(), |out| out.copy_from_slice(frame)));
+        dev.transmit(T).expect("token").consume(60, |_| ());
+        dev.end_poll();
+        assert!(!script.batch_open.get());
+        assert_eq!(script.batches.get(), 1);
+        // The reply and the frame of its own both went out inside the batch.
+        assert_eq!(script.sent_in_batch.get(), 2);
     }
 
     #[test]

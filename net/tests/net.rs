@@ -160,6 +160,10 @@ fn dhcp_lease_is_applied_and_ping_is_answered() {
         .map_err(|e| e.to_string())??;
         ensure(nic.reentered() == 0, || {
             "the NIC was re-entered from its receive callback".into()
+        })?;
+        let (batches, waited_open) = nic.batches();
+        ensure(batches > 0 && waited_open == 0, || {
+            format!("{batches} batches, {waited_open} waits inside one")
         })
     });
 }
@@ -334,6 +338,11 @@ fn echo_run(seed: u64, bytes: u64) -> Result<(std::time::Duration, Duration), St
         })
         .map_err(|e| e.to_string())??;
     ensure(nic.reentered() == 0, || "NIC re-entered".into())?;
+    // Every poll is one NIC batch, ended before the interface waits.
+    let (batches, waited_open) = nic.batches();
+    ensure(batches > 0 && waited_open == 0, || {
+        format!("{batches} batches, {waited_open} waits inside one")
+    })?;
     Ok((wall.elapsed(), virtual_time))
 }
 

@@ -12,12 +12,24 @@
 //!
 //! # The data path's costs
 //!
-//! A poll of a queue is one batch: the host's `write_index` is read once
-//! ([`hvnet_vmbus::ring::RingPair::begin_read`]), every receive completion is staged
+//! A poll of a queue reads the host's `write_index` once
+//! ([`hvnet_vmbus::ring::RingPair::begin_read`]); every receive completion is staged
 //! from a packet prepared when the queue was attached (only the transaction id changes),
-//! and at the end the completions and the read position are published with one store
-//! each and at most one signal. A transmit copies the frame into a send section and
-//! writes one prepared SEND_RNDIS_PKT. Counters are cells, so counting copies nothing.
+//! and the completions and the read position are published with one store each and at
+//! most one signal. A transmit copies the frame into a send section and writes one
+//! prepared SEND_RNDIS_PKT. Counters are cells, so counting copies nothing.
+//!
+//! # Batches
+//!
+//! The network side polls an interface as one NIC batch ([`Nic::begin_batch`] ..
+//! [`Nic::end_batch`]). Inside it nothing is published per frame: sends are staged in
+//! the rings (published every 32 sends of a queue, when the send
+//! buffer runs out, and at the end), and polls leave staging their completions and
+//! handing back the read space to the end, which does it once per queue with at most
+//! one signal. The network side takes received frames one per `receive(1)` call (that
+//! is how smoltcp asks); the first call of a batch reads every queue's ring ahead into
+//! the backlog (up to a poll's budget per queue, see `backlog`), and the following calls
+//! are served from it. A batch never ended is ended before [`Nic::changed`] waits.
 //!
 //! # VLAN
 //!
@@ -373,7 +385,7 @@ pub struct NetvscNic {
     /// Set between [`Nic::begin_batch`] and [`Nic::end_batch`].
     batch_open: Cell<bool>,
     /// Frames taken off the rings ahead of the network side or while looking for send
-    /// completions, oldest first, with their queue.
+    /// completions, oldest first.
     backlog: RefCell<Backlog>,
     /// Counters of queues that were closed for an MTU change, by index, so that the
     /// queues reopened after it carry on counting.
@@ -1430,6 +1442,8 @@ impl NetvscNic {
                 }
             }
             if attempt == 0 {
+                // Sends held back by an open batch cannot complete: publish them.
+                self.publish_held_sends();
                 self.reap_completions();
             }
         }
@@ -1475,6 +1489,17 @@ impl NetvscNic {
             queue.channel.signal_host();
         }
         Ok(())
+    }
+
+    /// Publishes the sends an open batch holds back on every queue (the batch goes on).
+    fn publish_held_sends(&self) {
+        for queue in self.queues.borrow().iter() {
+            if queue.unpublished_sends.get() > 0 {
+                if let Err(e) = self.publish_queue(queue) {
+                    debug!("netvsc {}: queue {} publish: {e:?}", self.id, queue.index);
+                }
+            }
+        }
     }
 
     /// Ends the open batch, if any: every queue a poll or a send of it touched stages

@@ -51,6 +51,14 @@ struct NicState {
     /// Deliver calls made on a thread-local "re-entered" check.
     in_deliver: bool,
     reentered: u64,
+    /// A batch is open: sends wait in `tx_held` until it ends, as a driver that defers
+    /// publication holds them.
+    batch_open: bool,
+    tx_held: usize,
+    /// Batches ended, and `changed()` calls made while one was open (the network side
+    /// must end its batch before it waits).
+    batches: u64,
+    waited_in_batch: u64,
 }
 
 /// An in-memory NIC: the wire pushes frames in and takes frames out; the interface sees
@@ -86,6 +94,10 @@ impl FakeNic {
                 receive_calls: 0,
                 in_deliver: false,
                 reentered: 0,
+                batch_open: false,
+                tx_held: 0,
+                batches: 0,
+                waited_in_batch: 0,
             }),
             wire_activity,
         })
@@ -130,7 +142,15 @@ impl FakeNic {
 
     /// The next frame the interface sent, for the wire.
     pub fn pop_tx(&self) -> Option<Vec<u8>> {
-        let frame = self.state.borrow_mut().tx.pop_front();
+        let frame = {
+            let mut state = self.state.borrow_mut();
+            // Sends an open batch holds back are not on the wire yet.
+            if state.tx.len() > state.tx_held {
+                state.tx.pop_front()
+            } else {
+                None
+            }
+        };
         if frame.is_some() {
             // Send room freed up.
             self.bump();
@@ -140,7 +160,8 @@ impl FakeNic {
 
     /// Frames waiting for the wire.
     pub fn tx_pending(&self) -> usize {
-        self.state.borrow().tx.len()
+        let state = self.state.borrow();
+        state.tx.len() - state.tx_held
     }
 
     /// Sets the link state (a host media-status indication).
@@ -164,6 +185,12 @@ impl FakeNic {
     /// Times `transmit` was called from inside `receive`'s callback.
     pub fn reentered(&self) -> u64 {
         self.state.borrow().reentered
+    }
+
+    /// Batches ended so far, and times the network side waited with one still open.
+    pub fn batches(&self) -> (u64, u64) {
+        let state = self.state.borrow();
+        (state.batches, state.waited_in_batch)
     }
 
     /// Sum of every queue's counters.
@@ -282,9 +309,31 @@ impl Nic for FakeNic {
             state.stats[queue].tx_packets += 1;
             state.stats[queue].tx_bytes += len as u64;
             host_scope(|| state.tx.push_back(frame));
+            if state.batch_open {
+                state.tx_held += 1;
+                return Ok(());
+            }
         }
         self.wire_activity.set();
         Ok(())
+    }
+
+    fn begin_batch(&self) {
+        self.state.borrow_mut().batch_open = true;
+    }
+
+    fn end_batch(&self) {
+        let held = {
+            let mut state = self.state.borrow_mut();
+            if state.batch_open {
+                state.batches += 1;
+            }
+            state.batch_open = false;
+            std::mem::take(&mut state.tx_held)
+        };
+        if held > 0 {
+            self.wire_activity.set();
+        }
     }
 
     fn can_transmit(&self) -> bool {
@@ -293,6 +342,11 @@ impl Nic for FakeNic {
     }
 
     fn changed(&self) -> NicFuture<'_> {
+        // Counted, not flushed: a network side that waits inside a batch is a bug the
+        // tests must see (its sends would sit here until something else woke it).
+        if self.state.borrow().batch_open {
+            self.state.borrow_mut().waited_in_batch += 1;
+        }
         let since = {
             let mut state = self.state.borrow_mut();
             let generation = state.generation;
