@@ -281,8 +281,9 @@ pub(crate) struct Queue {
     /// Set when a poll inside an open batch left its end (staging the completions,
     /// publishing, handing the read space back) to [`Nic::end_batch`].
     deferred: Cell<bool>,
-    /// Sends written to the ring but not yet published (inside an open batch).
-    unpublished_sends: Cell<usize>,
+    /// Sends an open batch holds back (transaction id, section and size as in
+    /// SEND_RNDIS_PKT's payload at 8..16), oldest first, written at its end.
+    held_sends: RefCell<Vec<(u64, u64)>>,
 }
 
 impl Queue {
@@ -295,7 +296,7 @@ impl Queue {
             completion: prepared_completion(),
             send: RefCell::new(prepared_send()),
             deferred: Cell::new(false),
-            unpublished_sends: Cell::new(0),
+            held_sends: RefCell::new(Vec::with_capacity(UNPUBLISHED_SENDS_MAX)),
         })
     }
 }
@@ -1450,67 +1451,116 @@ impl NetvscNic {
         Err(NicError::Busy)
     }
 
-    /// Writes a prepared send to `queue`'s ring: inside an open batch it is only staged
-    /// (published by the batch's end, or once [`UNPUBLISHED_SENDS_MAX`] wait), otherwise
-    /// published at once. A ring full of sends the host cannot see yet is published
-    /// before the send is refused, so that the host can make room.
-    #[inline]
+    /// Sends SEND_RNDIS_PKT for send section `section` holding `size` bytes on `queue`.
+    /// Inside an open batch the send is only held (its transaction id and section) and
+    /// written with the others at the batch's end, or once [`UNPUBLISHED_SENDS_MAX`] wait:
+    /// one copy into the ring for all of them. Ring room for every held send is checked
+    /// here, so that a send accepted now is not refused later. Outside a batch it is
+    /// written and published at once, after any still held (sends keep their order).
     fn write_send(
         &self,
         queue: &Queue,
         prepared: &mut PreparedPacket,
+        trans_id: u64,
+        where_: u64,
     ) -> Result<hvnet_vmbus::ring::WriteResult, RingError> {
         let ring = queue.channel.ring();
+        let ring_len = prepared.ring_len();
         if !self.batch_open.get() {
+            if !queue.held_sends.borrow().is_empty() && !self.write_held_sends(queue, prepared)? {
+                return Err(RingError::Full { needed: ring_len });
+            }
+            prepared.set_trans_id(trans_id);
+            prepared.payload_mut()[8..16].copy_from_slice(&where_.to_le_bytes());
             return ring.try_write_prepared(prepared);
         }
-        let staged = match ring.stage_prepared(prepared) {
-            Err(RingError::Full { .. }) if ring.has_unpublished() => {
-                self.publish_queue(queue)?;
-                ring.stage_prepared(prepared)
+        let held = queue.held_sends.borrow().len();
+        if !ring.outgoing_room((held + 1) * ring_len)? {
+            // Write what is held so that the host can start on it, then look again.
+            self.write_held_sends(queue, prepared)?;
+            if !ring.outgoing_room(ring_len)? {
+                return Err(RingError::Full { needed: ring_len });
             }
-            staged => staged,
-        };
-        staged?;
-        let waiting = queue.unpublished_sends.get() + 1;
-        queue.unpublished_sends.set(waiting);
-        if waiting >= UNPUBLISHED_SENDS_MAX {
-            self.publish_queue(queue)?;
-        } else {
-            queue.deferred.set(true);
+        }
+        let mut held = queue.held_sends.borrow_mut();
+        held.push((trans_id, where_));
+        let full = held.len() >= UNPUBLISHED_SENDS_MAX;
+        drop(held);
+        queue.deferred.set(true);
+        if full {
+            self.write_held_sends(queue, prepared)?;
         }
         Ok(hvnet_vmbus::ring::WriteResult { signal: false })
     }
 
-    /// Publishes what was staged on `queue`'s ring, signalling if the host asks for it.
-    fn publish_queue(&self, queue: &Queue) -> Result<(), RingError> {
-        queue.unpublished_sends.set(0);
-        if queue.channel.ring().publish()?.signal {
+    /// Writes the sends held on `queue` into its ring (as many as fit, in order) and
+    /// publishes them with one signal at most. Returns whether none is left held; those
+    /// left (ring full) go with the next batch end, and the host is asked to signal when
+    /// there is room.
+    fn write_held_sends(
+        &self,
+        queue: &Queue,
+        template: &PreparedPacket,
+    ) -> Result<bool, RingError> {
+        let ring = queue.channel.ring();
+        let mut held = queue.held_sends.borrow_mut();
+        if held.is_empty() {
+            return Ok(true);
+        }
+        // SEND_RNDIS_PKT: section index and used size at 8..16 of the payload.
+        let at = template.payload_offset() + 8;
+        let written = ring.stage_prepared_with(template, &held, |packet, &(trans_id, where_)| {
+            packet[8..16].copy_from_slice(&trans_id.to_le_bytes());
+            packet[at..at + 8].copy_from_slice(&where_.to_le_bytes());
+        });
+        let written = match written {
+            Ok(n) => n,
+            Err(RingError::Full { .. }) => 0,
+            Err(e) => return Err(e),
+        };
+        held.drain(..written);
+        let all = held.is_empty();
+        drop(held);
+        if ring.publish()?.signal {
             queue.channel.signal_host();
         }
-        Ok(())
+        if !all {
+            queue.deferred.set(true);
+            let _ = ring.set_pending_send_size(template.ring_len());
+        }
+        Ok(all)
     }
 
-    /// Publishes the sends an open batch holds back on every queue (the batch goes on).
+    /// Writes the sends held on every queue (the send buffer ran out inside a batch: the
+    /// host can complete them while the batch goes on).
     fn publish_held_sends(&self) {
         for queue in self.queues.borrow().iter() {
-            if queue.unpublished_sends.get() > 0 {
-                if let Err(e) = self.publish_queue(queue) {
-                    debug!("netvsc {}: queue {} publish: {e:?}", self.id, queue.index);
-                }
+            if queue.held_sends.borrow().is_empty() {
+                continue;
+            }
+            let Some(template) = *queue.send.borrow() else {
+                continue;
+            };
+            if let Err(e) = self.write_held_sends(queue, &template) {
+                debug!("netvsc {}: queue {} send: {e:?}", self.id, queue.index);
             }
         }
     }
 
-    /// Ends the open batch, if any: every queue a poll or a send of it touched stages
-    /// its completions, publishes, and hands the read space back, with one signal.
+    /// Ends the open batch, if any: every queue a poll or a send of it touched writes its
+    /// held sends, stages its completions, publishes, and hands the read space back, with
+    /// one signal.
     fn finish_deferred(&self) {
         self.batch_open.set(false);
         let queues = self.queues.borrow();
         for queue in queues.iter().filter(|q| q.deferred.replace(false)) {
-            queue.unpublished_sends.set(0);
-            let done = self
-                .flush_acks(queue)
+            let sends = match *queue.send.borrow() {
+                Some(template) => self.write_held_sends(queue, &template).map(|_| ()),
+                None => Ok(()),
+            };
+            let done = sends
+                .map_err(NetvscError::from)
+                .and_then(|()| self.flush_acks(queue))
                 .and_then(|_| self.finish_batch(queue));
             if let Err(e) = done {
                 debug!("netvsc {}: queue {} batch end: {e}", self.id, queue.index);
@@ -1542,11 +1592,9 @@ impl NetvscNic {
         let mut prepared = queue.send.borrow_mut();
         let written = match prepared.as_mut() {
             Some(prepared) if channel_type == NVSP_CHANNEL_TYPE_DATA => {
-                prepared.set_trans_id(trans_id);
                 // SEND_RNDIS_PKT: section index at 8, its used size at 12.
                 let where_ = u64::from(section) | u64::from(size) << 32;
-                prepared.payload_mut()[8..16].copy_from_slice(&where_.to_le_bytes());
-                self.write_send(queue, prepared)
+                self.write_send(queue, prepared, trans_id, where_)
             }
             _ => {
                 let msg = NvspMessage::SendRndisPacket(SendRndisPacket {

@@ -549,6 +549,12 @@ impl PreparedPacket {
         &mut self.bytes[self.payload_offset..self.len]
     }
 
+    /// Where the payload starts in the packet (for the `patch` of
+    /// [`RingPair::stage_prepared_with`]).
+    pub fn payload_offset(&self) -> usize {
+        self.payload_offset
+    }
+
     /// The packet as it will be written (trailer excluded).
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len]
@@ -894,8 +900,24 @@ impl RingPair {
         template: &PreparedPacket,
         trans_ids: &[u64],
     ) -> Result<usize, RingError> {
+        self.stage_prepared_with(template, trans_ids, |packet, &trans_id| {
+            packet[8..16].copy_from_slice(&trans_id.to_le_bytes());
+        })
+    }
+
+    /// Stages one copy of `template` per item of `items`, `patch` writing the item into
+    /// its copy (the packet bytes, trailer excluded: the transaction id at 8..16, the
+    /// payload from [`PreparedPacket::payload_offset`]). Assembled and copied into the
+    /// ring as [`stage_prepared_batch`](Self::stage_prepared_batch) does; returns how
+    /// many were staged (as many as fit, in order), [`RingError::Full`] if none fits.
+    pub fn stage_prepared_with<T>(
+        &self,
+        template: &PreparedPacket,
+        items: &[T],
+        mut patch: impl FnMut(&mut [u8], &T),
+    ) -> Result<usize, RingError> {
         self.out_fail_check()?;
-        if trans_ids.is_empty() {
+        if items.is_empty() {
             return Ok(0);
         }
         let ring = self.out_ring;
@@ -909,10 +931,10 @@ impl RingPair {
         }
         let start = self.out.write.get();
         let mut free = ring.free(start, self.out.read.get());
-        if free < trans_ids.len() * ring_len {
+        if free < items.len() * ring_len {
             free = ring.free(start, self.load_read_index()?);
         }
-        let count = trans_ids.len().min(free / ring_len);
+        let count = items.len().min(free / ring_len);
         if count == 0 {
             Counters::bump(&self.out.stats.full, 1);
             return Err(RingError::Full { needed: ring_len });
@@ -920,15 +942,15 @@ impl RingPair {
         let mut assembly = self.assembly.borrow_mut();
         let per_chunk = (ASSEMBLY_BYTES / ring_len).max(1);
         let mut pos = start;
-        for chunk in trans_ids[..count].chunks(per_chunk) {
+        for chunk in items[..count].chunks(per_chunk) {
             let bytes = chunk.len() * ring_len;
             if assembly.len() < bytes {
                 assembly.resize(bytes, 0);
             }
             let chunk_start = pos;
-            for (dst, &trans_id) in assembly[..bytes].chunks_exact_mut(ring_len).zip(chunk) {
+            for (dst, item) in assembly[..bytes].chunks_exact_mut(ring_len).zip(chunk) {
                 dst[..len].copy_from_slice(&template.bytes[..len]);
-                dst[8..16].copy_from_slice(&trans_id.to_le_bytes());
+                patch(&mut dst[..len], item);
                 let trailer = u64::from(index_u32(pos)) << 32;
                 dst[len..].copy_from_slice(&trailer.to_le_bytes());
                 pos = ring.advance(pos, ring_len);
@@ -1005,6 +1027,22 @@ impl RingPair {
             Counters::bump(&self.out.stats.signals, 1);
         }
         Ok(WriteResult { signal })
+    }
+
+    /// Whether `bytes` more ring bytes can be staged now: judged by the free space last
+    /// seen, and only if that is too small by the host's `read_index` loaded once more.
+    /// Nothing is reserved; a writer that stages later (a batch) asks for everything it
+    /// means to stage.
+    #[inline]
+    pub fn outgoing_room(&self, bytes: usize) -> Result<bool, RingError> {
+        self.out_fail_check()?;
+        let ring = self.out_ring;
+        let write = self.out.write.get();
+        if ring.free(write, self.out.read.get()) >= bytes {
+            return Ok(true);
+        }
+        let read = self.load_read_index()?;
+        Ok(ring.free(write, read) >= bytes)
     }
 
     /// Free bytes of the outgoing ring now (the 8-byte gap already deducted): a packet
