@@ -1457,6 +1457,7 @@ impl NetvscNic {
     /// one copy into the ring for all of them. Ring room for every held send is checked
     /// here, so that a send accepted now is not refused later. Outside a batch it is
     /// written and published at once, after any still held (sends keep their order).
+    #[inline]
     fn write_send(
         &self,
         queue: &Queue,
@@ -1464,16 +1465,11 @@ impl NetvscNic {
         trans_id: u64,
         where_: u64,
     ) -> Result<hvnet_vmbus::ring::WriteResult, RingError> {
+        if !self.batch_open.get() {
+            return self.write_send_now(queue, prepared, trans_id, where_);
+        }
         let ring = queue.channel.ring();
         let ring_len = prepared.ring_len();
-        if !self.batch_open.get() {
-            if !queue.held_sends.borrow().is_empty() && !self.write_held_sends(queue, prepared)? {
-                return Err(RingError::Full { needed: ring_len });
-            }
-            prepared.set_trans_id(trans_id);
-            prepared.payload_mut()[8..16].copy_from_slice(&where_.to_le_bytes());
-            return ring.try_write_prepared(prepared);
-        }
         let held = queue.held_sends.borrow().len();
         if !ring.outgoing_room((held + 1) * ring_len)? {
             // Write what is held so that the host can start on it, then look again.
@@ -1491,6 +1487,25 @@ impl NetvscNic {
             self.write_held_sends(queue, prepared)?;
         }
         Ok(hvnet_vmbus::ring::WriteResult { signal: false })
+    }
+
+    /// [`Self::write_send`] outside a batch.
+    #[inline(never)]
+    fn write_send_now(
+        &self,
+        queue: &Queue,
+        prepared: &mut PreparedPacket,
+        trans_id: u64,
+        where_: u64,
+    ) -> Result<hvnet_vmbus::ring::WriteResult, RingError> {
+        if !queue.held_sends.borrow().is_empty() && !self.write_held_sends(queue, prepared)? {
+            return Err(RingError::Full {
+                needed: prepared.ring_len(),
+            });
+        }
+        prepared.set_trans_id(trans_id);
+        prepared.payload_mut()[8..16].copy_from_slice(&where_.to_le_bytes());
+        queue.channel.ring().try_write_prepared(prepared)
     }
 
     /// Writes the sends held on `queue` into its ring (as many as fit, in order) and
