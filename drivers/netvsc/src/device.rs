@@ -194,7 +194,7 @@ const BACKLOG_FRAMES: usize = 512;
 /// Arena bytes of the backlog (private memory, allocated on first use): 64 frames of
 /// 1514 bytes with their RNDIS headers fit, and a poll stops reading ahead while less
 /// than one largest message ([`MAX_RX_MESSAGE`]) is free.
-const BACKLOG_BYTES: usize = 128 * 1024;
+const BACKLOG_BYTES: usize = 256 * 1024;
 /// Frames one read-ahead pass takes off each queue's ring (a NAPI poll's budget), so
 /// that under load every queue's batch end - completions staged, ring space handed
 /// back, a signal - is shared by this many frames. The arena bounds the pass as well.
