@@ -9,7 +9,31 @@ const ETH_HEADER: usize = 14;
 
 /// A hash of the frame's IPv4 flow (addresses, and ports for TCP/UDP), or `None` for
 /// frames that are not IPv4 (ARP and the like go to queue 0).
+#[inline]
 pub fn flow_hash(frame: &[u8]) -> Option<u32> {
+    // Ethernet, an IPv4 header without options and 4 bytes after it in one bounds check
+    // (the common case); shorter frames and IP options take the general path.
+    let Some(head) = frame.first_chunk::<{ ETH_HEADER + 24 }>() else {
+        return flow_hash_general(frame);
+    };
+    if head[12..14] != ETHERTYPE_IPV4.to_be_bytes() || head[ETH_HEADER] != 0x45 {
+        return flow_hash_general(frame);
+    }
+    let ip = &head[ETH_HEADER..];
+    let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff;
+    let ports = match (ip[9], fragment) {
+        (6 | 17, 0) => u32::from_be_bytes([ip[20], ip[21], ip[22], ip[23]]),
+        _ => 0,
+    };
+    let addresses = u64::from_be_bytes([
+        ip[12], ip[13], ip[14], ip[15], ip[16], ip[17], ip[18], ip[19],
+    ]);
+    Some(mix(addresses, ports))
+}
+
+/// [`flow_hash`] for any IPv4 header length (and frames too short for the fast path).
+#[cold]
+fn flow_hash_general(frame: &[u8]) -> Option<u32> {
     // Ethernet and the fixed IPv4 header in one bounds check.
     let head: &[u8; ETH_HEADER + 20] = frame.get(..ETH_HEADER + 20)?.try_into().ok()?;
     if u16::from_be_bytes([head[12], head[13]]) != ETHERTYPE_IPV4 {
@@ -26,10 +50,16 @@ pub fn flow_hash(frame: &[u8]) -> Option<u32> {
             .map_or(0, |p| u32::from_be_bytes([p[0], p[1], p[2], p[3]])),
         _ => 0,
     };
-    let mut h = u64::from(src) << 32 | u64::from(dst);
-    h ^= u64::from(ports).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    Some(mix(u64::from(src) << 32 | u64::from(dst), ports))
+}
+
+/// Mixes the addresses (source high, destination low) and ports into 32 bits whose low
+/// bits (the send table's index) depend on all of them.
+#[inline]
+fn mix(addresses: u64, ports: u32) -> u32 {
+    let mut h = addresses ^ u64::from(ports).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     h = (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    Some((h ^ (h >> 32)) as u32)
+    (h ^ (h >> 32)) as u32
 }
 
 #[cfg(test)]
@@ -56,6 +86,29 @@ mod tests {
             buckets[(flow_hash(&udp(port)).unwrap() % 16) as usize] += 1;
         }
         assert!(buckets.iter().all(|&n| n > 0), "{buckets:?}");
+    }
+
+    #[test]
+    fn both_paths_hash_alike() {
+        // Options (IHL 6) move the ports: the general path finds them, and a frame that
+        // only differs by those 4 option bytes hashes as the plain one.
+        let plain = udp(1234);
+        let mut with_options = plain[..34].to_vec();
+        with_options[14] = 0x46;
+        with_options.extend_from_slice(&[1, 1, 1, 1]);
+        with_options.extend_from_slice(&plain[34..]);
+        assert_eq!(flow_hash(&plain), flow_hash(&with_options));
+        assert_eq!(flow_hash(&plain), flow_hash_general(&plain));
+        // Too short for the fast path, long enough for the general one (no ports).
+        assert_eq!(flow_hash(&plain[..36]), flow_hash_general(&plain[..36]));
+        // Fragments carry no ports: two flows' fragments hash alike.
+        let fragment = |port| {
+            let mut f = udp(port);
+            f[20] = 0x20;
+            f
+        };
+        assert_eq!(flow_hash(&fragment(1234)), flow_hash(&fragment(4321)));
+        assert_ne!(flow_hash(&udp(1234)), flow_hash(&udp(4321)));
     }
 
     #[test]
