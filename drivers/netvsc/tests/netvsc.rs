@@ -1267,12 +1267,15 @@ fn a_batch_reads_ahead_and_completes_at_its_end() {
 
             let reply = udp_frame(mac(9), 5000, 60, 1);
             let mut got = Vec::new();
+            let mut nested = 0;
             nic.begin_batch();
             loop {
                 let n = nic.receive(1, &mut |f| {
                     got.push(f.to_vec());
                     // What a stack answering at once would do.
                     let _ = nic.transmit(reply.len(), &mut |d| d.copy_from_slice(&reply));
+                    // A misbehaving one: receiving again gets nothing, and no panic.
+                    nested += nic.receive(1, &mut |_| {}) + nic.receive(8, &mut |_| {});
                 });
                 if n == 0 {
                     break;
@@ -1289,6 +1292,9 @@ fn a_batch_reads_ahead_and_completes_at_its_end() {
             let held = host_scope(|| nv.stats()).outstanding_rx_packets;
             ensure(held == 0, || {
                 format!("{held} indications outstanding after it")
+            })?;
+            ensure(nested == 0, || {
+                format!("{nested} frames to nested receives")
             })?;
 
             let mut want = sent.clone();
