@@ -1449,31 +1449,40 @@ impl NetvscNic {
 
     /// Takes a free send section on queue `queue` and copies `message` into it, reaping
     /// completions once if no section is free; returns the section.
-    #[inline]
+    #[inline(always)]
     fn fill_section(&self, queue: u16, message: &[u8]) -> Result<u32, NicError> {
-        for attempt in 0..2 {
-            {
-                let mut guard = self.send.borrow_mut();
-                let send = guard.as_mut().ok_or(NicError::Removed)?;
-                if message.len() > send.section_size {
-                    return Err(NicError::TooLong);
-                }
-                if let Some(section) = send.sections.take(queue) {
-                    let offset = section as usize * send.section_size;
-                    if send.buf.write(offset, message).is_err() {
-                        send.sections.give_back(section, queue);
-                        return Err(NicError::Removed);
-                    }
-                    return Ok(section);
-                }
-            }
-            if attempt == 0 {
-                // Sends held back by an open batch cannot complete: publish them.
-                self.publish_held_sends();
-                self.reap_completions();
-            }
+        match self.try_fill_section(queue, message) {
+            Err(NicError::Busy) => self.fill_section_after_reaping(queue, message),
+            done => done,
         }
-        Err(NicError::Busy)
+    }
+
+    /// Copies `message` into a free send section taken for `queue`; `Busy` if none is free.
+    #[inline(always)]
+    fn try_fill_section(&self, queue: u16, message: &[u8]) -> Result<u32, NicError> {
+        let mut guard = self.send.borrow_mut();
+        let send = guard.as_mut().ok_or(NicError::Removed)?;
+        if message.len() > send.section_size {
+            return Err(NicError::TooLong);
+        }
+        let section = send.sections.take(queue).ok_or(NicError::Busy)?;
+        let offset = section as usize * send.section_size;
+        if send.buf.write(offset, message).is_err() {
+            send.sections.give_back(section, queue);
+            return Err(NicError::Removed);
+        }
+        Ok(section)
+    }
+
+    /// [`Self::fill_section`] once the send buffer was full: sends held back by an open
+    /// batch are written (they cannot complete otherwise), completions are reaped, and
+    /// the copy is tried once more.
+    #[cold]
+    #[inline(never)]
+    fn fill_section_after_reaping(&self, queue: u16, message: &[u8]) -> Result<u32, NicError> {
+        self.publish_held_sends();
+        self.reap_completions();
+        self.try_fill_section(queue, message)
     }
 
     /// Sends SEND_RNDIS_PKT for send section `section` holding `size` bytes on `queue`.
@@ -1482,7 +1491,7 @@ impl NetvscNic {
     /// one copy into the ring for all of them. Ring room for every held send is checked
     /// here, so that a send accepted now is not refused later. Outside a batch it is
     /// written and published at once, after any still held (sends keep their order).
-    #[inline]
+    #[inline(always)]
     fn write_send(
         &self,
         queue: &Queue,
@@ -1493,22 +1502,42 @@ impl NetvscNic {
         if !self.batch_open.get() {
             return self.write_send_now(queue, prepared, trans_id, where_);
         }
+        let ring_len = prepared.ring_len();
+        let mut held = queue.held_sends.borrow_mut();
+        let room = (held.len() + 1) * ring_len;
+        if held.len() + 1 >= UNPUBLISHED_SENDS_MAX || !queue.channel.ring().outgoing_room(room)? {
+            drop(held);
+            return self.write_send_crowded(queue, prepared, trans_id, where_);
+        }
+        held.push((trans_id, where_));
+        queue.deferred.set(true);
+        Ok(hvnet_vmbus::ring::WriteResult { signal: false })
+    }
+
+    /// [`Self::write_send`] in a batch when the ring may not hold one more send besides
+    /// those held, or when this one makes [`UNPUBLISHED_SENDS_MAX`]: what is held is
+    /// written (the host can start on it) and the send joins the next lot, or is
+    /// refused if the ring is full.
+    #[inline(never)]
+    fn write_send_crowded(
+        &self,
+        queue: &Queue,
+        prepared: &mut PreparedPacket,
+        trans_id: u64,
+        where_: u64,
+    ) -> Result<hvnet_vmbus::ring::WriteResult, RingError> {
         let ring = queue.channel.ring();
         let ring_len = prepared.ring_len();
         let held = queue.held_sends.borrow().len();
         if !ring.outgoing_room((held + 1) * ring_len)? {
-            // Write what is held so that the host can start on it, then look again.
             self.write_held_sends(queue, prepared)?;
             if !ring.outgoing_room(ring_len)? {
                 return Err(RingError::Full { needed: ring_len });
             }
         }
-        let mut held = queue.held_sends.borrow_mut();
-        held.push((trans_id, where_));
-        let full = held.len() >= UNPUBLISHED_SENDS_MAX;
-        drop(held);
+        queue.held_sends.borrow_mut().push((trans_id, where_));
         queue.deferred.set(true);
-        if full {
+        if queue.held_sends.borrow().len() >= UNPUBLISHED_SENDS_MAX {
             self.write_held_sends(queue, prepared)?;
         }
         Ok(hvnet_vmbus::ring::WriteResult { signal: false })

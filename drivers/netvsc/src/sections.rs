@@ -34,6 +34,7 @@ impl Sections {
     }
 
     /// Takes a free section for `queue` (which must not be `u16::MAX`).
+    #[inline(always)]
     pub fn take(&mut self, queue: u16) -> Option<u32> {
         if self.free == 0 || queue == FREE {
             return None;
@@ -50,6 +51,13 @@ impl Sections {
                 return u32::try_from(i).ok();
             }
         }
+        self.take_searching(queue)
+    }
+
+    /// [`take`](Self::take) when the hint is busy: the next free one after it.
+    #[cold]
+    fn take_searching(&mut self, queue: u16) -> Option<u32> {
+        let n = self.owner.len();
         for step in 0..n {
             let i = (self.hint + step) % n;
             if self.owner[i] == FREE {
@@ -65,6 +73,7 @@ impl Sections {
     /// Gives section `index` back if it is busy on `queue`; returns whether it was. An
     /// unknown index or a completion on the wrong queue (a confused or hostile host)
     /// changes nothing.
+    #[inline]
     pub fn give_back(&mut self, index: u32, queue: u16) -> bool {
         match self.owner.get_mut(index as usize) {
             Some(owner) if *owner == queue && queue != FREE => {

@@ -1033,16 +1033,23 @@ impl RingPair {
     /// seen, and only if that is too small by the host's `read_index` loaded once more.
     /// Nothing is reserved; a writer that stages later (a batch) asks for everything it
     /// means to stage.
-    #[inline]
+    #[inline(always)]
     pub fn outgoing_room(&self, bytes: usize) -> Result<bool, RingError> {
-        self.out_fail_check()?;
-        let ring = self.out_ring;
-        let write = self.out.write.get();
-        if ring.free(write, self.out.read.get()) >= bytes {
+        if !self.out.broken.get()
+            && self.out_ring.free(self.out.write.get(), self.out.read.get()) >= bytes
+        {
             return Ok(true);
         }
+        self.outgoing_room_now(bytes)
+    }
+
+    /// [`outgoing_room`](Self::outgoing_room) with the host's `read_index` loaded.
+    #[inline(never)]
+    fn outgoing_room_now(&self, bytes: usize) -> Result<bool, RingError> {
+        self.out_fail_check()?;
+        let write = self.out.write.get();
         let read = self.load_read_index()?;
-        Ok(ring.free(write, read) >= bytes)
+        Ok(self.out_ring.free(write, read) >= bytes)
     }
 
     /// Free bytes of the outgoing ring now (the 8-byte gap already deducted): a packet
