@@ -9,7 +9,7 @@ const ETH_HEADER: usize = 14;
 
 /// A hash of the frame's IPv4 flow (addresses, and ports for TCP/UDP), or `None` for
 /// frames that are not IPv4 (ARP and the like go to queue 0).
-#[inline]
+#[inline(always)]
 pub fn flow_hash(frame: &[u8]) -> Option<u32> {
     // Ethernet, an IPv4 header without options and 4 bytes after it in one bounds check
     // (the common case); shorter frames and IP options take the general path.
