@@ -277,7 +277,7 @@ pub(crate) struct Queue {
     completion: Option<PreparedPacket>,
     /// SEND_RNDIS_PKT of a data frame from a send section, laid out once; each send
     /// sets its section, size and transaction id.
-    send: RefCell<Option<PreparedPacket>>,
+    send: Option<PreparedPacket>,
     /// Set when a poll inside an open batch left its end (staging the completions,
     /// publishing, handing the read space back) to [`Nic::end_batch`].
     deferred: Cell<bool>,
@@ -294,7 +294,7 @@ impl Queue {
             stats: QueueCounters::from_stats(stats),
             acks: RefCell::new(Vec::with_capacity(ACK_BATCH)),
             completion: prepared_completion(),
-            send: RefCell::new(prepared_send()),
+            send: prepared_send(),
             deferred: Cell::new(false),
             held_sends: RefCell::new(Vec::with_capacity(UNPUBLISHED_SENDS_MAX)),
         })
@@ -375,7 +375,7 @@ pub struct NetvscNic {
     control: RefCell<BTreeMap<u64, Rc<Pending>>>,
     rndis: RefCell<BTreeMap<u32, Rc<Pending>>>,
     next_id: Cell<u32>,
-    send_table: RefCell<[u32; VRSS_SEND_TAB_SIZE]>,
+    send_table: [Cell<u32>; VRSS_SEND_TAB_SIZE],
     counters: Cell<NicCounters>,
     rx_scratch: RefCell<Vec<u8>>,
     packet_scratch: RefCell<Vec<u8>>,
@@ -425,7 +425,7 @@ impl NetvscNic {
             control: RefCell::new(BTreeMap::new()),
             rndis: RefCell::new(BTreeMap::new()),
             next_id: Cell::new(1),
-            send_table: RefCell::new([0; VRSS_SEND_TAB_SIZE]),
+            send_table: Default::default(),
             counters: Cell::new(NicCounters::default()),
             rx_scratch: RefCell::new(vec![0; MAX_RX_MESSAGE]),
             packet_scratch: RefCell::new(vec![0; 4096]),
@@ -453,7 +453,7 @@ impl NetvscNic {
 
     /// The host's send indirection table (all zeros until it sends one).
     pub fn send_table(&self) -> [u32; VRSS_SEND_TAB_SIZE] {
-        *self.send_table.borrow()
+        core::array::from_fn(|i| self.send_table[i].get())
     }
 
     /// Sub-channel indices of the open queues, ascending.
@@ -1206,7 +1206,9 @@ impl NetvscNic {
                 if t.iter().any(|&e| e as usize >= VRSS_CHANNEL_MAX) {
                     return self.malformed(format_args!("send table entry out of range: {t:?}"));
                 }
-                *self.send_table.borrow_mut() = t;
+                for (slot, entry) in self.send_table.iter().zip(t) {
+                    slot.set(entry);
+                }
                 self.count(|c| c.send_tables += 1);
                 debug!("netvsc {}: send indirection table {t:?}", self.id);
             }
@@ -1495,7 +1497,7 @@ impl NetvscNic {
     fn write_send(
         &self,
         queue: &Queue,
-        prepared: &mut PreparedPacket,
+        prepared: &PreparedPacket,
         trans_id: u64,
         where_: u64,
     ) -> Result<hvnet_vmbus::ring::WriteResult, RingError> {
@@ -1522,7 +1524,7 @@ impl NetvscNic {
     fn write_send_crowded(
         &self,
         queue: &Queue,
-        prepared: &mut PreparedPacket,
+        prepared: &PreparedPacket,
         trans_id: u64,
         where_: u64,
     ) -> Result<hvnet_vmbus::ring::WriteResult, RingError> {
@@ -1548,7 +1550,7 @@ impl NetvscNic {
     fn write_send_now(
         &self,
         queue: &Queue,
-        prepared: &mut PreparedPacket,
+        prepared: &PreparedPacket,
         trans_id: u64,
         where_: u64,
     ) -> Result<hvnet_vmbus::ring::WriteResult, RingError> {
@@ -1557,9 +1559,10 @@ impl NetvscNic {
                 needed: prepared.ring_len(),
             });
         }
-        prepared.set_trans_id(trans_id);
-        prepared.payload_mut()[8..16].copy_from_slice(&where_.to_le_bytes());
-        queue.channel.ring().try_write_prepared(prepared)
+        let mut packet = *prepared;
+        packet.set_trans_id(trans_id);
+        packet.payload_mut()[8..16].copy_from_slice(&where_.to_le_bytes());
+        queue.channel.ring().try_write_prepared(&mut packet)
     }
 
     /// Writes the sends held on `queue` into its ring (as many as fit, in order) and
@@ -1607,10 +1610,10 @@ impl NetvscNic {
             if queue.held_sends.borrow().is_empty() {
                 continue;
             }
-            let Some(template) = *queue.send.borrow() else {
+            let Some(template) = &queue.send else {
                 continue;
             };
-            if let Err(e) = self.write_held_sends(queue, &template) {
+            if let Err(e) = self.write_held_sends(queue, template) {
                 debug!("netvsc {}: queue {} send: {e:?}", self.id, queue.index);
             }
         }
@@ -1623,8 +1626,8 @@ impl NetvscNic {
         self.batch_open.set(false);
         let queues = self.queues.borrow();
         for queue in queues.iter().filter(|q| q.deferred.replace(false)) {
-            let sends = match *queue.send.borrow() {
-                Some(template) => self.write_held_sends(queue, &template).map(|_| ()),
+            let sends = match &queue.send {
+                Some(template) => self.write_held_sends(queue, template).map(|_| ()),
                 None => Ok(()),
             };
             let done = sends
@@ -1658,8 +1661,7 @@ impl NetvscNic {
         let trans_id = TX_TAG | u64::from(section);
         // `fill_section` bounded the message by the section size, a u32.
         let size = message.len() as u32;
-        let mut prepared = queue.send.borrow_mut();
-        let written = match prepared.as_mut() {
+        let written = match &queue.send {
             Some(prepared) if channel_type == NVSP_CHANNEL_TYPE_DATA => {
                 // SEND_RNDIS_PKT: section index at 8, its used size at 12.
                 let where_ = u64::from(section) | u64::from(size) << 32;
@@ -1682,7 +1684,6 @@ impl NetvscNic {
                 }
             }
         };
-        drop(prepared);
         match written {
             Ok(w) => {
                 if w.signal {
@@ -1721,7 +1722,7 @@ impl NetvscNic {
         let entry = match queues.len() {
             0 | 1 => 0,
             _ => flow_hash(frame).map_or(0, |hash| {
-                self.send_table.borrow()[hash as usize % VRSS_SEND_TAB_SIZE]
+                self.send_table[hash as usize % VRSS_SEND_TAB_SIZE].get()
             }),
         };
         let index = u16::try_from(entry).unwrap_or(0);
