@@ -1036,7 +1036,10 @@ impl RingPair {
     #[inline(always)]
     pub fn outgoing_room(&self, bytes: usize) -> Result<bool, RingError> {
         if !self.out.broken.get()
-            && self.out_ring.free(self.out.write.get(), self.out.read.get()) >= bytes
+            && self
+                .out_ring
+                .free(self.out.write.get(), self.out.read.get())
+                >= bytes
         {
             return Ok(true);
         }

@@ -859,22 +859,37 @@ impl PacketView {
             fixed,
             false,
         )?;
+        // `split_ppi`'s checks in its order and with its errors, on the header words read
+        // straight from the bytes (a receive path walks this for every frame).
         while !rest.is_empty() {
-            let (ppi, next) = split_ppi(rest)?;
-            rest = next;
-            if ppi.internal {
+            let Some(head) = rest.first_chunk::<PPI_HEADER_SIZE>() else {
+                return Err(WireError::BadLength);
+            };
+            let word = |at: usize| {
+                u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]])
+            };
+            let (size, type_word, offset) = (word(0) as usize, word(4), word(8) as usize);
+            if size < PPI_HEADER_SIZE || size > rest.len() {
+                return Err(WireError::BadLength);
+            }
+            if offset < PPI_HEADER_SIZE || offset > size {
+                return Err(WireError::BadOffset);
+            }
+            let data = &rest[offset..size];
+            rest = &rest[size..];
+            if type_word & PPI_INTERNAL != 0 {
                 continue;
             }
-            match ppi.ppi_type {
+            let value = data.first_chunk::<4>().map(|v| u32::from_le_bytes(*v));
+            match PpiType(type_word) {
                 PpiType::IEEE_8021Q_INFO if view.vlan.is_none() => {
-                    let value = ppi.data_u32().ok_or(WireError::BadLength)?;
-                    view.vlan = Some(Ndis8021qInfo(value));
+                    view.vlan = Some(Ndis8021qInfo(value.ok_or(WireError::BadLength)?));
                 }
                 PpiType::TCPIP_CHKSUM_PKTINFO if view.checksum.is_none() => {
-                    view.checksum = ppi.data_u32().map(NdisTcpIpChecksumInfo);
+                    view.checksum = value.map(NdisTcpIpChecksumInfo);
                 }
                 PpiType::NBL_HASH_VALUE if view.hash_value.is_none() => {
-                    view.hash_value = ppi.data_u32();
+                    view.hash_value = value;
                 }
                 _ => {}
             }
