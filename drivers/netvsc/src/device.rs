@@ -191,10 +191,12 @@ impl Sink<'_> {
 
 /// Frames the backlog holds; past it the rings are left alone (the host queues).
 const BACKLOG_FRAMES: usize = 512;
-/// Arena bytes of the backlog (private memory, allocated on first use): 64 frames of
-/// 1514 bytes with their RNDIS headers fit, and a poll stops reading ahead while less
-/// than one largest message ([`MAX_RX_MESSAGE`]) is free.
-const BACKLOG_BYTES: usize = 256 * 1024;
+/// Most arena bytes of the backlog (private memory, grown on demand from 16 KiB and
+/// given back with the NIC): about 320 frames of 1514 bytes with their RNDIS headers,
+/// so that under load even eight queues get some 40 full-size frames each per pass. A
+/// pass stops reading ahead while less than one largest message ([`MAX_RX_MESSAGE`])
+/// is free.
+const BACKLOG_BYTES: usize = 512 * 1024;
 /// Frames one read-ahead pass takes off each queue's ring (a NAPI poll's budget), so
 /// that under load every queue's batch end - completions staged, ring space handed
 /// back, a signal - is shared by this many frames. The arena bounds the pass as well.
