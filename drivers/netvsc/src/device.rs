@@ -161,16 +161,16 @@ impl From<NetvscError> for ChannelError {
 pub(crate) enum Sink<'a> {
     /// The network side's callback (its `receive`).
     Deliver(&'a mut dyn FnMut(&[u8])),
-    /// The NIC's backlog, read ahead of the network side inside a batch: the batch's
-    /// one-frame `receive` calls are served from it.
-    Ahead,
+    /// The NIC's backlog (borrowed for the whole pass), read ahead of the network side
+    /// inside a batch: the batch's one-frame `receive` calls are served from it.
+    Ahead(&'a mut Backlog),
     /// The NIC's backlog: a sender is digging for send completions that sit behind
     /// received frames; the frames wait there for the next `receive`. Reading stops when
     /// the backlog is full (the host keeps the rest).
-    Stash,
+    Stash(&'a mut Backlog),
     /// The backlog while the queues are being stopped: frames go there while it has
     /// room and are dropped (counted) after, because the rings must be emptied.
-    Drain,
+    Drain(&'a mut Backlog),
     /// Nowhere: the NIC is not registered yet; frames are dropped and counted.
     Drop,
 }
@@ -183,9 +183,23 @@ const RING_BYTES_PER_FRAME: usize = 128;
 const READ_WINDOW: usize = 8192;
 
 impl Sink<'_> {
-    /// Whether frames go to the backlog.
-    fn to_backlog(&self) -> bool {
-        matches!(self, Sink::Ahead | Sink::Stash | Sink::Drain)
+    /// The backlog, if frames go there.
+    #[inline]
+    fn backlog(&mut self) -> Option<&mut Backlog> {
+        match self {
+            Sink::Ahead(backlog) | Sink::Stash(backlog) | Sink::Drain(backlog) => Some(backlog),
+            Sink::Deliver(_) | Sink::Drop => None,
+        }
+    }
+
+    /// Whether reading must stop: the frames go to a backlog that may not hold another
+    /// message (draining reads on regardless).
+    #[inline]
+    fn full(&self) -> bool {
+        match self {
+            Sink::Ahead(backlog) | Sink::Stash(backlog) => !backlog.has_room(MAX_RX_MESSAGE),
+            _ => false,
+        }
     }
 }
 
@@ -826,7 +840,13 @@ impl NetvscNic {
             let mut busy = false;
             for queue in self.open_queue_list() {
                 let before = queue.channel.ring().incoming_stats().packets;
-                if let Err(e) = self.poll_queue(&queue, &mut Sink::Drain, usize::MAX) {
+                let polled = match self.backlog.try_borrow_mut() {
+                    Ok(mut backlog) => {
+                        self.poll_queue(&queue, &mut Sink::Drain(&mut backlog), usize::MAX)
+                    }
+                    Err(_) => self.poll_queue(&queue, &mut Sink::Drop, usize::MAX),
+                };
+                if let Err(e) = polled {
                     debug!("netvsc {}: queue {} drain: {e}", self.id, queue.index);
                     continue;
                 }
@@ -988,9 +1008,7 @@ impl NetvscNic {
         if delivered >= budget {
             return Ok(false);
         }
-        if matches!(sink, Sink::Ahead | Sink::Stash)
-            && !self.backlog.borrow().has_room(MAX_RX_MESSAGE)
-        {
+        if sink.full() {
             return Ok(false);
         }
         self.room_for_acks(queue)
@@ -1038,7 +1056,9 @@ impl NetvscNic {
         if self.batch_open.get() && budget - delivered < READ_AHEAD {
             // A batch takes frames one or a few at a time: one pass over the rings reads
             // ahead for all of its calls (and those of the next batches).
-            self.poll_round(&mut Sink::Ahead, BACKLOG_FRAMES, READ_AHEAD);
+            let mut backlog = self.backlog.borrow_mut();
+            self.poll_round(&mut Sink::Ahead(&mut backlog), BACKLOG_FRAMES, READ_AHEAD);
+            drop(backlog);
             return delivered + self.serve_backlog(budget - delivered, deliver);
         }
         let left = budget - delivered;
@@ -1091,11 +1111,14 @@ impl NetvscNic {
     fn reap_completions(&self) {
         // Inside the network side's `deliver` callback the receive path is running
         // already; it takes the completions itself once the callback returns.
-        if self.packet_scratch.try_borrow_mut().is_err() || self.backlog.try_borrow_mut().is_err() {
+        if self.packet_scratch.try_borrow_mut().is_err() {
             return;
         }
+        let Ok(mut backlog) = self.backlog.try_borrow_mut() else {
+            return;
+        };
         for queue in self.open_queue_list() {
-            if let Err(e) = self.poll_queue(&queue, &mut Sink::Stash, usize::MAX) {
+            if let Err(e) = self.poll_queue(&queue, &mut Sink::Stash(&mut backlog), usize::MAX) {
                 debug!("netvsc {}: queue {} reap: {e}", self.id, queue.index);
             }
         }
@@ -1286,8 +1309,7 @@ impl NetvscNic {
     ) -> usize {
         let offset = range.byte_offset.get() as usize;
         let len = range.byte_count.get() as usize;
-        if sink.to_backlog() {
-            let mut backlog = self.backlog.borrow_mut();
+        if let Some(backlog) = sink.backlog() {
             if let Some(room) = backlog.reserve(len) {
                 let Some(frame) = self.take_message(queue, offset, room) else {
                     return 0;
