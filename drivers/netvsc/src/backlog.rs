@@ -7,8 +7,9 @@
 //! each RNDIS message is copied out of the shared receive buffer straight into it and
 //! parsed there, so reading ahead adds no copy and no allocation per frame.
 //!
-//! The arena is bounded in bytes and in frames; it is emptied front to back and starts
-//! over from its beginning once empty.
+//! The arena is bounded in bytes and in frames: frames are only appended, taken front to
+//! back, and the arena starts over once all are taken, so both bounds count what was
+//! added since the last start, not what is held now.
 
 use alloc::vec::Vec;
 use core::ops::Range;
@@ -26,9 +27,13 @@ pub(crate) struct Backlog {
     arena: Vec<u8>,
     /// Arena bytes in use (from 0): frames are only ever appended at `used`.
     used: usize,
-    /// Frames held, oldest first, from `head` on (those before were taken).
+    /// Frames added since the arena started over, oldest first; those before `head`
+    /// were taken.
     frames: Vec<Held>,
     head: usize,
+    /// What may still be added before the arena starts over.
+    free_bytes: usize,
+    free_frames: usize,
     max_bytes: usize,
     max_frames: usize,
 }
@@ -42,9 +47,20 @@ impl Backlog {
             used: 0,
             frames: Vec::new(),
             head: 0,
+            free_bytes: max_bytes,
+            free_frames: max_frames,
             max_bytes,
             max_frames,
         }
+    }
+
+    /// Empty again: the arena starts over.
+    fn start_over(&mut self) {
+        self.frames.clear();
+        self.head = 0;
+        self.used = 0;
+        self.free_bytes = self.max_bytes;
+        self.free_frames = self.max_frames;
     }
 
     #[inline]
@@ -55,7 +71,7 @@ impl Backlog {
     /// Whether a message of `len` bytes can be added now.
     #[inline]
     pub(crate) fn has_room(&self, len: usize) -> bool {
-        self.frames.len() - self.head < self.max_frames && len <= self.max_bytes - self.used
+        self.free_frames != 0 && len <= self.free_bytes
     }
 
     /// Room for `len` bytes at the end of the arena, to copy a message into; `None` if
@@ -93,6 +109,9 @@ impl Backlog {
         };
         self.frames.push(Held { start, end });
         self.used += reserved;
+        // `reserve` checked both; saturating for a commit without one.
+        self.free_bytes = self.free_bytes.saturating_sub(reserved);
+        self.free_frames = self.free_frames.saturating_sub(1);
         true
     }
 
@@ -108,19 +127,16 @@ impl Backlog {
         }
         self.head += 1;
         if self.head == self.frames.len() {
-            self.frames.clear();
-            self.head = 0;
-            self.used = 0;
+            self.start_over();
         }
         true
     }
 
     /// Drops every frame and gives the arena's memory back.
     pub(crate) fn release(&mut self) {
+        self.start_over();
         self.arena = Vec::new();
         self.frames = Vec::new();
-        self.head = 0;
-        self.used = 0;
     }
 }
 
@@ -174,6 +190,19 @@ mod tests {
         assert!(!b.has_room(1));
         assert_eq!(take(&mut b), Some(vec![2; 6]));
         assert!(push(&mut b, &[3; 16]));
+    }
+
+    #[test]
+    fn taking_frames_does_not_make_room_until_the_arena_starts_over() {
+        let mut b = Backlog::new(64, 2);
+        assert!(push(&mut b, b"a"));
+        assert!(push(&mut b, b"b"));
+        assert_eq!(take(&mut b), Some(b"a".to_vec()));
+        // One frame is held, but two were added since the start: the bound holds the
+        // list of frames (and the arena) to what was promised.
+        assert!(!push(&mut b, b"c"));
+        assert_eq!(take(&mut b), Some(b"b".to_vec()));
+        assert!(push(&mut b, b"c"));
     }
 
     #[test]
