@@ -2,7 +2,7 @@
 //!
 //! The host's send indirection table maps a flow hash to a queue (16 entries). Any
 //! stable hash of the IPv4 addresses and ports keeps a flow on one queue; this one is a
-//! few multiplications, far cheaper than Toeplitz, which only receive-side steering needs.
+//! multiplication, far cheaper than Toeplitz, which only receive-side steering needs.
 
 const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETH_HEADER: usize = 14;
@@ -54,12 +54,12 @@ fn flow_hash_general(frame: &[u8]) -> Option<u32> {
 }
 
 /// Mixes the addresses (source high, destination low) and ports into 32 bits whose low
-/// bits (the send table's index) depend on all of them.
+/// bits (the send table's index) depend on all of them: one multiply (Fibonacci
+/// hashing), whose top byte depends on every bit of its input, rotated to the bottom.
 #[inline]
 fn mix(addresses: u64, ports: u32) -> u32 {
-    let mut h = addresses ^ u64::from(ports).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    h = (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    (h ^ (h >> 32)) as u32
+    let h = (addresses ^ u64::from(ports) << 16).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h.rotate_left(8) as u32
 }
 
 #[cfg(test)]
