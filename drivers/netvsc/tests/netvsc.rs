@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use hvemu::netvsp::{NetvspConfig, NetvspFaults, NetvspHandle};
+use hvemu::DeviceId;
 use hvnet_netvsc::nic::{MtuError, Nic, NicError};
 use hvnet_netvsc::NetvscConfig;
 use hvnet_runtime::sim::{Config, Simulation};
@@ -125,18 +126,46 @@ where
     F: FnOnce(Rc<NetWorld>, Handle) -> Fut,
     Fut: std::future::Future<Output = Res> + 'static,
 {
+    in_world_with(seed, test_netvsc_config(), body)
+}
+
+/// [`in_world`] with the driver configured by `config`.
+fn in_world_with<F, Fut>(seed: u64, config: NetvscConfig, body: F) -> Res
+where
+    F: FnOnce(Rc<NetWorld>, Handle) -> Fut,
+    Fut: std::future::Future<Output = Res> + 'static,
+{
     let sim = sim(seed);
     let h = sim.handle();
-    let w = world(&h, seed);
+    let w = world_with(&h, seed, config);
     sim.run(body(w.clone(), h)).map_err(|e| e.to_string())??;
     assert_clean(&w);
     Ok(())
 }
 
 fn world(h: &Handle, seed: u64) -> Rc<NetWorld> {
-    let w = Rc::new(net_world(h, seed, test_netvsc_config()));
+    world_with(h, seed, test_netvsc_config())
+}
+
+fn world_with(h: &Handle, seed: u64, config: NetvscConfig) -> Rc<NetWorld> {
+    let w = Rc::new(net_world(h, seed, config));
     spawn_host_pump(h, &w);
     w
+}
+
+/// Connects VMBus, adds NIC `n` with `config` on the host, and waits for the driver to
+/// register it.
+async fn one_nic(
+    w: &NetWorld,
+    n: u32,
+    config: NetvspConfig,
+) -> Result<(DeviceId, NetvspHandle, Rc<dyn Nic>), String> {
+    w.bus
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    let (dev, nv) = add_nic(w, n, config);
+    Ok((dev, nv, first_nic(w).await))
 }
 
 async fn first_nic(w: &NetWorld) -> Rc<dyn Nic> {
@@ -155,12 +184,7 @@ fn assert_clean(w: &NetWorld) {
 fn one_nic_with_eight_queues_negotiates_and_spreads_traffic() {
     check_seeds(20, |seed| {
         in_world(seed, |w, h| async move {
-            w.bus
-                .connect()
-                .await
-                .map_err(|e| format!("connect: {e:?}"))?;
-            let (_, nv) = add_nic(&w, 0, NetvspConfig::default());
-            let nic = first_nic(&w).await;
+            let (_, nv, nic) = one_nic(&w, 0, NetvspConfig::default()).await?;
             ensure(nic.queue_count() == 8, || {
                 format!("{} queues", nic.queue_count())
             })?;
@@ -468,12 +492,7 @@ fn hot_remove_under_traffic_and_add_remove_cycles_leak_nothing() {
 fn one_subchannel_rescinded_keeps_the_nic() {
     check_seeds(20, |seed| {
         in_world(seed, |w, h| async move {
-            w.bus
-                .connect()
-                .await
-                .map_err(|e| format!("connect: {e:?}"))?;
-            let (dev, nv) = add_nic(&w, 4, NetvspConfig::default());
-            let nic = first_nic(&w).await;
+            let (dev, nv, nic) = one_nic(&w, 4, NetvspConfig::default()).await?;
             exchange(&h, &nic, &nv, 32).await?;
             let gone = host_scope(|| w.host.borrow_mut().rescind_subchannel(dev, 3));
             ensure(gone, || "no sub-channel 3".into())?;
@@ -501,12 +520,7 @@ fn malformed_host_input_is_dropped_and_counted() {
     let w2 = w.clone();
     let result = sim.run(async move {
         let w = w2;
-        w.bus
-            .connect()
-            .await
-            .map_err(|e| format!("connect: {e:?}"))?;
-        let (_, nv) = add_nic(&w, 5, NetvspConfig::default());
-        let nic = first_nic(&w).await;
+        let (_, nv, nic) = one_nic(&w, 5, NetvspConfig::default()).await?;
         let mut garbage: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
         garbage.insert("empty", vec![]);
         garbage.insert("short header", vec![1, 0]);
@@ -703,12 +717,7 @@ async fn check_frame_limit(h: &Handle, nic: &Rc<dyn Nic>, nv: &NetvspHandle, mtu
 fn mtu_changes_up_and_down_under_traffic() {
     check_seeds(12, |seed| {
         in_world(seed, |w, h| async move {
-            w.bus
-                .connect()
-                .await
-                .map_err(|e| format!("connect: {e:?}"))?;
-            let (_, nv) = add_nic(&w, 6, jumbo_port());
-            let nic = first_nic(&w).await;
+            let (_, nv, nic) = one_nic(&w, 6, jumbo_port()).await?;
             let max = nic.max_mtu();
             // A 6144-byte send section carries the RNDIS header, a VLAN PPI and a frame of
             // at most 6070 bytes of IP.
@@ -780,12 +789,7 @@ fn mtu_changes_up_and_down_under_traffic() {
 #[test]
 fn mtu_limits_hold_after_each_change() {
     in_world(17, |w, h| async move {
-        w.bus
-            .connect()
-            .await
-            .map_err(|e| format!("connect: {e:?}"))?;
-        let (_, nv) = add_nic(&w, 7, jumbo_port());
-        let nic = first_nic(&w).await;
+        let (_, nv, nic) = one_nic(&w, 7, jumbo_port()).await?;
         check_frame_limit(&h, &nic, &nv, 1500).await?;
         for mtu in [5000, 68 + 100, nic.max_mtu(), 1280] {
             set_mtu(&w, &nic, mtu)
@@ -811,12 +815,7 @@ fn mtu_limits_hold_after_each_change() {
 #[test]
 fn mtu_out_of_range_is_refused() {
     in_world(3, |w, h| async move {
-        w.bus
-            .connect()
-            .await
-            .map_err(|e| format!("connect: {e:?}"))?;
-        let (_, nv) = add_nic(&w, 8, NetvspConfig::default());
-        let nic = first_nic(&w).await;
+        let (_, nv, nic) = one_nic(&w, 8, NetvspConfig::default()).await?;
         ensure(nic.max_mtu() == 1500, || format!("max {}", nic.max_mtu()))?;
         let opens = host_scope(|| nv.stats().primary_opens);
         for (mtu, max) in [(67, 1500), (0, 1500), (1501, 1500), (9000, 1500)] {
@@ -942,12 +941,7 @@ fn tagged(frame: &[u8], tci: u16) -> Vec<u8> {
 fn vlan_tags_cross_both_ways() {
     check_seeds(8, |seed| {
         in_world(seed, |w, h| async move {
-            w.bus
-                .connect()
-                .await
-                .map_err(|e| format!("connect: {e:?}"))?;
-            let (_, nv) = add_nic(&w, 10, NetvspConfig::default());
-            let nic = first_nic(&w).await;
+            let (_, nv, nic) = one_nic(&w, 10, NetvspConfig::default()).await?;
             let m = nic.mac();
             // VLAN 100..164, priorities and DEI varied; many flows over all queues.
             let frames: Vec<Vec<u8>> = (0..64u16)
@@ -1087,12 +1081,7 @@ fn ppi(size: u32, ppi_type: u32, offset: u32, data: &[u8]) -> Vec<u8> {
 #[test]
 fn malformed_vlan_ppis_are_dropped_and_counted() {
     in_world(23, |w, h| async move {
-        w.bus
-            .connect()
-            .await
-            .map_err(|e| format!("connect: {e:?}"))?;
-        let (_, nv) = add_nic(&w, 12, NetvspConfig::default());
-        let nic = first_nic(&w).await;
+        let (_, nv, nic) = one_nic(&w, 12, NetvspConfig::default()).await?;
         let frame = udp_frame(nic.mac(), 5000, 60, 0x33);
         let vlan = 0x0645u32.to_le_bytes();
         let bad: Vec<(&str, Vec<u8>)> = vec![
@@ -1145,30 +1134,30 @@ fn host_got(nv: &NetvspHandle) -> Vec<Vec<u8>> {
     out
 }
 
+/// How many frames the host takes from the guest within the next 2 ms; each must be
+/// `want`.
+async fn host_sees(h: &Handle, nv: &NetvspHandle, want: &[u8]) -> Result<usize, String> {
+    h.sleep(Duration::from_millis(2)).await;
+    let got = host_got(nv);
+    ensure(got.iter().all(|f| f == want), || {
+        "the host got a frame other than the one sent".into()
+    })?;
+    Ok(got.len())
+}
+
 /// Inside a batch sends stay invisible to the host until the batch ends (then all
 /// arrive); a long burst is published every 32 sends of a queue; and a batch left open
 /// is ended by `changed()`, so that nothing waits with a sleeping caller.
 #[test]
 fn a_batch_holds_sends_back_until_it_ends() {
+    // Room for more sends than a queue holds back.
+    let config = NetvscConfig {
+        send_buffer_bytes: 1 << 20,
+        ..test_netvsc_config()
+    };
     check_seeds(10, |seed| {
-        let sim = sim(seed);
-        let h = sim.handle();
-        // Room for more sends than a queue holds back.
-        let config = NetvscConfig {
-            send_buffer_bytes: 1 << 20,
-            ..test_netvsc_config()
-        };
-        let w = Rc::new(net_world(&h, seed, config));
-        spawn_host_pump(&h, &w);
-        let w2 = w.clone();
-        let result = sim.run(async move {
-            let w = w2;
-            w.bus
-                .connect()
-                .await
-                .map_err(|e| format!("connect: {e:?}"))?;
-            let (_, nv) = add_nic(&w, 0, NetvspConfig::default());
-            let nic = first_nic(&w).await;
+        in_world_with(seed, config.clone(), |w, h| async move {
+            let (_, nv, nic) = one_nic(&w, 0, NetvspConfig::default()).await?;
             let total = as_netvsc(&nic).free_send_sections();
             // One flow, so that every frame goes to the same queue.
             let frame = udp_frame(mac(9), 4000, 100, 7);
@@ -1179,42 +1168,26 @@ fn a_batch_holds_sends_back_until_it_ends() {
                 }
                 Ok(())
             };
+            let seen = || host_sees(&h, &nv, &frame);
 
-            nic.begin_batch();
-            send(10)?;
-            h.sleep(Duration::from_millis(2)).await;
-            let early = host_got(&nv).len();
-            ensure(early == 0, || {
-                format!("host saw {early} sends of an open batch")
-            })?;
-            nic.end_batch();
-            h.sleep(Duration::from_millis(2)).await;
-            let got = host_got(&nv);
-            ensure(got.len() == 10 && got.iter().all(|f| *f == frame), || {
-                format!("{} of 10 frames after the batch ended", got.len())
-            })?;
-
-            // 40 sends on one queue: the first 32 are published without the end.
-            nic.begin_batch();
-            send(40)?;
-            h.sleep(Duration::from_millis(2)).await;
-            let early = host_got(&nv).len();
-            ensure(early == 32, || {
-                format!("host saw {early} of 40 sends early")
-            })?;
-            nic.end_batch();
-            h.sleep(Duration::from_millis(2)).await;
-            let late = host_got(&nv).len();
-            ensure(late == 8, || {
-                format!("{late} of the last 8 sends after the end")
-            })?;
+            // Sends of an open batch reach the host when it ends; 40 sends on one queue:
+            // the first 32 are published without the end.
+            for (n, early_want) in [(10, 0), (40, 32)] {
+                nic.begin_batch();
+                send(n)?;
+                let early = seen().await?;
+                nic.end_batch();
+                let late = seen().await?;
+                ensure(early == early_want && early + late == n, || {
+                    format!("{n} sends: host saw {early} in the batch, {late} after it")
+                })?;
+            }
 
             // Left open: waiting for the NIC publishes it.
             nic.begin_batch();
             send(5)?;
             let _ = h.timeout(Duration::from_millis(2), nic.changed()).await;
-            h.sleep(Duration::from_millis(2)).await;
-            let got = host_got(&nv).len();
+            let got = seen().await?;
             ensure(got == 5, || format!("{got} of 5 sends after changed()"))?;
 
             // Out of send sections inside a batch: what waits is published at once, so
@@ -1227,16 +1200,11 @@ fn a_batch_holds_sends_back_until_it_ends() {
             {
                 sent += 1;
             }
-            h.sleep(Duration::from_millis(2)).await;
-            let got = host_got(&nv).len();
+            let got = seen().await?;
             ensure(got == sent, || format!("host saw {got} of {sent} sends"))?;
             nic.end_batch();
-            wait_sends_completed(&h, &nic, total).await?;
-            Ok::<_, String>(())
-        });
-        result.map_err(|e| e.to_string())??;
-        assert_clean(&w);
-        Ok::<_, String>(())
+            wait_sends_completed(&h, &nic, total).await
+        })
     });
 }
 
@@ -1247,12 +1215,7 @@ fn a_batch_holds_sends_back_until_it_ends() {
 fn a_batch_reads_ahead_and_completes_at_its_end() {
     check_seeds(10, |seed| {
         in_world(seed, |w, h| async move {
-            w.bus
-                .connect()
-                .await
-                .map_err(|e| format!("connect: {e:?}"))?;
-            let (_, nv) = add_nic(&w, 0, NetvspConfig::default());
-            let nic = first_nic(&w).await;
+            let (_, nv, nic) = one_nic(&w, 0, NetvspConfig::default()).await?;
             let total = as_netvsc(&nic).free_send_sections();
             let before: u64 = (0..8).map(|q| nic.queue_stats(q).rx_packets).sum();
             let sent = frames_for(nic.mac(), 100, 200);
