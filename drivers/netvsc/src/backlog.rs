@@ -85,8 +85,15 @@ impl Backlog {
         if self.arena.len() < end {
             // Grown geometrically from a first 16 KiB, up to the bound; out of memory,
             // the backlog is full (the caller drops or leaves the frame).
-            let grown = end.max(self.arena.len() * 2).max(16 * 1024).min(self.max_bytes);
-            if self.arena.try_reserve_exact(grown - self.arena.len()).is_err() {
+            let grown = end
+                .max(self.arena.len() * 2)
+                .max(16 * 1024)
+                .min(self.max_bytes);
+            if self
+                .arena
+                .try_reserve_exact(grown - self.arena.len())
+                .is_err()
+            {
                 return None;
             }
             self.arena.resize(grown, 0);
