@@ -44,6 +44,22 @@ async fn receive_n(h: &Handle, nic: &Rc<dyn Nic>, n: usize, limit: Duration) -> 
     }
 }
 
+/// [`receive_n`] the way the network side receives: polls as NIC batches, one frame per
+/// `receive` call.
+async fn receive_batched(h: &Handle, nic: &Rc<dyn Nic>, n: usize, limit: Duration) -> Vec<Vec<u8>> {
+    let deadline = h.now().saturating_add(limit);
+    let mut got = Vec::new();
+    loop {
+        nic.begin_batch();
+        while got.len() < n && nic.receive(1, &mut |f| got.push(f.to_vec())) == 1 {}
+        nic.end_batch();
+        if got.len() >= n || h.now() >= deadline {
+            return got;
+        }
+        let _ = h.timeout_at(deadline, nic.changed()).await;
+    }
+}
+
 /// Sends every frame, waiting for room on `Busy`; returns the first other error.
 async fn transmit_all(h: &Handle, nic: &Rc<dyn Nic>, frames: &[Vec<u8>]) -> Result<(), NicError> {
     for f in frames {
@@ -514,6 +530,17 @@ fn one_subchannel_rescinded_keeps_the_nic() {
 /// buffer, unknown RNDIS types, bad PPI offsets) is counted and dropped; the NIC works on.
 #[test]
 fn malformed_host_input_is_dropped_and_counted() {
+    malformed_host_input(false);
+}
+
+/// The same host input taken as the network side takes it: one frame per `receive` in
+/// NIC batches, so the read-ahead path (messages parsed in the backlog's arena) meets it.
+#[test]
+fn malformed_host_input_read_ahead_is_dropped_and_counted() {
+    malformed_host_input(true);
+}
+
+fn malformed_host_input(batched: bool) {
     let sim = sim(11);
     let h = sim.handle();
     let w = world(&h, 11);
@@ -561,9 +588,19 @@ fn malformed_host_input_is_dropped_and_counted() {
                 4, 0, 0x80, 0x80, 24, 0, 0, 0, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
             ],
         ];
+        let take = |limit| {
+            let (h, nic) = (h.clone(), nic.clone());
+            async move {
+                if batched {
+                    receive_batched(&h, &nic, usize::MAX, limit).await
+                } else {
+                    receive_n(&h, &nic, usize::MAX, limit).await
+                }
+            }
+        };
         for r in &rndis {
             host_scope(|| nv.inject_raw_rndis(0, r));
-            let _ = receive_n(&h, &nic, usize::MAX, Duration::from_millis(2)).await;
+            let _ = take(Duration::from_millis(2)).await;
             eprintln!(
                 "rndis {}: {}",
                 r.len(),
@@ -573,7 +610,7 @@ fn malformed_host_input_is_dropped_and_counted() {
         host_scope(|| nv.inject_bad_xfer(0, u32::MAX - 10, 100));
         host_scope(|| nv.inject_bad_xfer(0, 0, 1 << 30));
         // Let it all arrive and be processed.
-        let _ = receive_n(&h, &nic, usize::MAX, Duration::from_millis(20)).await;
+        let _ = take(Duration::from_millis(20)).await;
         let malformed = as_netvsc(&nic).counters().malformed;
         let expected = (garbage.len() + rndis.len() + 2) as u64;
         ensure(malformed >= expected, || {
