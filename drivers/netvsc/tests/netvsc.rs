@@ -403,12 +403,19 @@ fn hosts_granting_other_queue_counts() {
 }
 
 /// A guest-side traffic loop: echoes every received frame back.
-fn spawn_echo(h: &Handle, nic: Rc<dyn Nic>, echoed: Rc<RefCell<u64>>) {
+/// Echoes every frame back. `batched`: each round is a NIC batch taking one frame per
+/// `receive` (read-ahead, held sends), as the network side does.
+fn spawn_echo(h: &Handle, nic: Rc<dyn Nic>, echoed: Rc<RefCell<u64>>, batched: bool) {
     let h2 = h.clone();
     h.spawn("echo", async move {
         while !nic.is_removed() {
             let mut frames = Vec::new();
-            nic.receive(64, &mut |f| frames.push(f.to_vec()));
+            if batched {
+                nic.begin_batch();
+                while frames.len() < 64 && nic.receive(1, &mut |f| frames.push(f.to_vec())) == 1 {}
+            } else {
+                nic.receive(64, &mut |f| frames.push(f.to_vec()));
+            }
             for f in frames {
                 if nic
                     .transmit(f.len(), &mut |d| d.copy_from_slice(&f))
@@ -417,6 +424,7 @@ fn spawn_echo(h: &Handle, nic: Rc<dyn Nic>, echoed: Rc<RefCell<u64>>) {
                     *echoed.borrow_mut() += 1;
                 }
             }
+            nic.end_batch();
             let _ = h2.timeout(Duration::from_millis(5), nic.changed()).await;
         }
     });
@@ -460,7 +468,9 @@ fn hot_remove_under_traffic_and_add_remove_cycles_leak_nothing() {
                 let nic = first_nic(&w).await;
                 let echoed = Rc::new(RefCell::new(0));
                 let stop = Rc::new(RefCell::new(false));
-                spawn_echo(&h, nic.clone(), echoed.clone());
+                // Every other cycle through batches: held sends and read-ahead frames
+                // meet the removal too.
+                spawn_echo(&h, nic.clone(), echoed.clone(), cycle % 2 == 1);
                 spawn_source(&h, nv.clone(), nic.mac(), stop.clone());
                 // Let traffic run, then pull the NIC at a seed-dependent moment.
                 h.sleep(Duration::from_micros(500 + h.random_below(3000)))
