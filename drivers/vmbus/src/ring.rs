@@ -1049,10 +1049,7 @@ impl RingPair {
     /// [`outgoing_room`](Self::outgoing_room) with the host's `read_index` loaded.
     #[inline(never)]
     fn outgoing_room_now(&self, bytes: usize) -> Result<bool, RingError> {
-        self.out_fail_check()?;
-        let write = self.out.write.get();
-        let read = self.load_read_index()?;
-        Ok(self.out_ring.free(write, read) >= bytes)
+        Ok(self.outgoing_free()? >= bytes)
     }
 
     /// Free bytes of the outgoing ring now (the 8-byte gap already deducted): a packet
