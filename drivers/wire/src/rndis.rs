@@ -683,25 +683,25 @@ impl<'a> PpiList<'a> {
 
 #[inline]
 fn split_ppi(bytes: &[u8]) -> Result<(Ppi<'_>, &[u8]), WireError> {
-    let (hdr, _) = PerPacketInfo::ref_from_prefix(bytes).map_err(|_| WireError::BadLength)?;
-    let size = usize::try_from(hdr.size.get()).map_err(|_| WireError::BadLength)?;
-    if size < PPI_HEADER_SIZE {
+    // The header's words read in place (receive paths walk this for every frame).
+    let head = bytes
+        .first_chunk::<PPI_HEADER_SIZE>()
+        .ok_or(WireError::BadLength)?;
+    let word = |at: usize| u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+    let (size, type_word, offset) = (word(0) as usize, word(4), word(8) as usize);
+    if size < PPI_HEADER_SIZE || size > bytes.len() {
         return Err(WireError::BadLength);
     }
-    let (entry, rest) = bytes.split_at_checked(size).ok_or(WireError::BadLength)?;
-    let offset = usize::try_from(hdr.ppi_offset.get()).map_err(|_| WireError::BadOffset)?;
-    if offset < PPI_HEADER_SIZE {
+    if offset < PPI_HEADER_SIZE || offset > size {
         return Err(WireError::BadOffset);
     }
-    let data = entry.get(offset..).ok_or(WireError::BadOffset)?;
-    let word = hdr.type_word.get();
     Ok((
         Ppi {
-            ppi_type: PpiType(word & !PPI_INTERNAL),
-            internal: word & PPI_INTERNAL != 0,
-            data,
+            ppi_type: PpiType(type_word & !PPI_INTERNAL),
+            internal: type_word & PPI_INTERNAL != 0,
+            data: &bytes[offset..size],
         },
-        rest,
+        &bytes[size..],
     ))
 }
 
@@ -859,29 +859,14 @@ impl PacketView {
             fixed,
             false,
         )?;
-        // `split_ppi`'s checks in its order and with its errors, on the header words read
-        // straight from the bytes (a receive path walks this for every frame).
         while !rest.is_empty() {
-            let Some(head) = rest.first_chunk::<PPI_HEADER_SIZE>() else {
-                return Err(WireError::BadLength);
-            };
-            let word = |at: usize| {
-                u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]])
-            };
-            let (size, type_word, offset) = (word(0) as usize, word(4), word(8) as usize);
-            if size < PPI_HEADER_SIZE || size > rest.len() {
-                return Err(WireError::BadLength);
-            }
-            if offset < PPI_HEADER_SIZE || offset > size {
-                return Err(WireError::BadOffset);
-            }
-            let data = &rest[offset..size];
-            rest = &rest[size..];
-            if type_word & PPI_INTERNAL != 0 {
+            let (ppi, next) = split_ppi(rest)?;
+            rest = next;
+            if ppi.internal {
                 continue;
             }
-            let value = data.first_chunk::<4>().map(|v| u32::from_le_bytes(*v));
-            match PpiType(type_word) {
+            let value = ppi.data.first_chunk::<4>().map(|v| u32::from_le_bytes(*v));
+            match ppi.ppi_type {
                 PpiType::IEEE_8021Q_INFO if view.vlan.is_none() => {
                     view.vlan = Some(Ndis8021qInfo(value.ok_or(WireError::BadLength)?));
                 }
