@@ -883,33 +883,34 @@ impl NetvscNic {
         budget: usize,
     ) -> Result<usize, NetvscError> {
         let ring = queue.channel.ring();
-        if self.batch_open.get() {
+        let batched = self.batch_open.get();
+        if batched {
             // The batch's end stages, publishes and hands back for every poll of it.
             queue.deferred.set(true);
-            let mut delivered = 0;
-            let read = self.read_queue(queue, sink, budget, &mut delivered);
-            if self.sections_freed.replace(false) {
-                self.bump();
-            }
-            read?;
-            return Ok(delivered);
-        }
-        if queue.acks.borrow().is_empty() && !ring.has_incoming()? {
+        } else if queue.acks.borrow().is_empty() && !ring.has_incoming()? {
             // Nothing new and nothing owed: every poll ends by publishing, so there is
             // nothing to publish either.
             return Ok(0);
         }
         let mut delivered = 0;
-        let read = match self.flush_acks(queue) {
+        // Outside a batch the completions owed go first; with no room even for them,
+        // reading more would only add to them (the host signals when it consumed some).
+        let owed_staged = if batched {
+            Ok(true)
+        } else {
+            self.flush_acks(queue)
+        };
+        let read = match owed_staged {
             Ok(true) => self.read_queue(queue, sink, budget, &mut delivered),
-            // No room even for the completions we owe: reading more would only add to
-            // them. The host signals when it has consumed some.
             Ok(false) => Ok(()),
             Err(e) => Err(e),
         };
-        let finished = self
-            .flush_acks(queue)
-            .and_then(|_| self.finish_batch(queue));
+        let finished = if batched {
+            Ok(())
+        } else {
+            self.flush_acks(queue)
+                .and_then(|_| self.finish_batch(queue))
+        };
         if self.sections_freed.replace(false) {
             self.bump();
         }
@@ -1043,35 +1044,35 @@ impl NetvscNic {
     #[inline(never)]
     fn receive_slow(&self, budget: usize, deliver: &mut dyn FnMut(&[u8])) -> usize {
         // A receive from inside `deliver` (the receive path is running) gets nothing.
-        if self.removed.get()
-            || self.packet_scratch.try_borrow_mut().is_err()
-            || self.backlog.try_borrow_mut().is_err()
-        {
+        if self.removed.get() || self.packet_scratch.try_borrow_mut().is_err() {
             return 0;
         }
-        let delivered = self.serve_backlog(budget, deliver);
+        // Held while `deliver` runs: a send from inside it does not stash (see
+        // `reap_completions`).
+        let Ok(mut backlog) = self.backlog.try_borrow_mut() else {
+            return 0;
+        };
+        let delivered = Self::serve_backlog(&mut backlog, budget, deliver);
         if delivered >= budget || self.paused.get() {
             return delivered;
         }
-        if self.batch_open.get() && budget - delivered < READ_AHEAD {
+        let left = budget - delivered;
+        if self.batch_open.get() && left < READ_AHEAD {
             // A batch takes frames one or a few at a time: one pass over the rings reads
             // ahead for all of its calls (and those of the next batches).
-            let mut backlog = self.backlog.borrow_mut();
             self.poll_round(&mut Sink::Ahead(&mut backlog), BACKLOG_FRAMES, READ_AHEAD);
-            drop(backlog);
-            return delivered + self.serve_backlog(budget - delivered, deliver);
+            return delivered + Self::serve_backlog(&mut backlog, left, deliver);
         }
-        let left = budget - delivered;
         delivered + self.poll_round(&mut Sink::Deliver(deliver), left, left)
     }
 
-    /// Hands up to `budget` frames of the backlog to `deliver`; returns how many.
-    #[inline]
-    fn serve_backlog(&self, budget: usize, deliver: &mut dyn FnMut(&[u8])) -> usize {
+    /// Hands up to `budget` frames of `backlog` to `deliver`; returns how many.
+    fn serve_backlog(
+        backlog: &mut Backlog,
+        budget: usize,
+        deliver: &mut dyn FnMut(&[u8]),
+    ) -> usize {
         let mut delivered = 0;
-        // Held while `deliver` runs: a send from inside it does not stash (see
-        // `reap_completions`).
-        let mut backlog = self.backlog.borrow_mut();
         while delivered < budget && backlog.take(&mut *deliver) {
             delivered += 1;
         }
@@ -1529,44 +1530,32 @@ impl NetvscNic {
             return self.write_send_now(queue, prepared, trans_id, where_);
         }
         let ring_len = prepared.ring_len();
-        let mut held = queue.held_sends.borrow_mut();
-        let room = (held.len() + 1) * ring_len;
-        if held.len() + 1 >= UNPUBLISHED_SENDS_MAX || !queue.channel.ring().outgoing_room(room)? {
-            drop(held);
-            return self.write_send_crowded(queue, prepared, trans_id, where_);
+        let held = queue.held_sends.borrow().len();
+        if !queue.channel.ring().outgoing_room((held + 1) * ring_len)? {
+            self.make_room_for_send(queue, ring_len)?;
         }
+        let mut held = queue.held_sends.borrow_mut();
         held.push((trans_id, where_));
+        let enough = held.len() >= UNPUBLISHED_SENDS_MAX;
+        drop(held);
         queue.deferred.set(true);
+        if enough {
+            self.write_held_sends(queue)?;
+        }
         Ok(hvnet_vmbus::ring::WriteResult { signal: false })
     }
 
-    /// [`Self::write_send`] in a batch when the ring may not hold one more send besides
-    /// those held, or when this one makes [`UNPUBLISHED_SENDS_MAX`]: what is held is
-    /// written (the host can start on it) and the send joins the next lot, or is
-    /// refused if the ring is full.
+    /// [`Self::write_send`] when the ring may not hold one more send besides those held:
+    /// what is held is written (the host can start on it), then the send needs only its
+    /// own room; `Full` if even that is missing.
     #[inline(never)]
-    fn write_send_crowded(
-        &self,
-        queue: &Queue,
-        prepared: &PreparedPacket,
-        trans_id: u64,
-        where_: u64,
-    ) -> Result<hvnet_vmbus::ring::WriteResult, RingError> {
-        let ring = queue.channel.ring();
-        let ring_len = prepared.ring_len();
-        let held = queue.held_sends.borrow().len();
-        if !ring.outgoing_room((held + 1) * ring_len)? {
-            self.write_held_sends(queue, prepared)?;
-            if !ring.outgoing_room(ring_len)? {
-                return Err(RingError::Full { needed: ring_len });
-            }
+    fn make_room_for_send(&self, queue: &Queue, ring_len: usize) -> Result<(), RingError> {
+        self.write_held_sends(queue)?;
+        if queue.channel.ring().outgoing_room(ring_len)? {
+            Ok(())
+        } else {
+            Err(RingError::Full { needed: ring_len })
         }
-        queue.held_sends.borrow_mut().push((trans_id, where_));
-        queue.deferred.set(true);
-        if queue.held_sends.borrow().len() >= UNPUBLISHED_SENDS_MAX {
-            self.write_held_sends(queue, prepared)?;
-        }
-        Ok(hvnet_vmbus::ring::WriteResult { signal: false })
     }
 
     /// [`Self::write_send`] outside a batch.
@@ -1578,7 +1567,7 @@ impl NetvscNic {
         trans_id: u64,
         where_: u64,
     ) -> Result<hvnet_vmbus::ring::WriteResult, RingError> {
-        if !queue.held_sends.borrow().is_empty() && !self.write_held_sends(queue, prepared)? {
+        if !self.write_held_sends(queue)? {
             return Err(RingError::Full {
                 needed: prepared.ring_len(),
             });
@@ -1593,16 +1582,13 @@ impl NetvscNic {
     /// publishes them with one signal at most. Returns whether none is left held; those
     /// left (ring full) go with the next batch end, and the host is asked to signal when
     /// there is room.
-    fn write_held_sends(
-        &self,
-        queue: &Queue,
-        template: &PreparedPacket,
-    ) -> Result<bool, RingError> {
-        let ring = queue.channel.ring();
+    fn write_held_sends(&self, queue: &Queue) -> Result<bool, RingError> {
         let mut held = queue.held_sends.borrow_mut();
-        if held.is_empty() {
+        // Sends are held only on queues with a prepared SEND_RNDIS_PKT.
+        let (false, Some(template)) = (held.is_empty(), &queue.send) else {
             return Ok(true);
-        }
+        };
+        let ring = queue.channel.ring();
         // SEND_RNDIS_PKT: section index and used size at 8..16 of the payload.
         let at = template.payload_offset() + 8;
         let written = ring.stage_prepared_with(template, &held, |packet, &(trans_id, where_)| {
@@ -1631,13 +1617,7 @@ impl NetvscNic {
     /// host can complete them while the batch goes on).
     fn publish_held_sends(&self) {
         for queue in self.queues.borrow().iter() {
-            if queue.held_sends.borrow().is_empty() {
-                continue;
-            }
-            let Some(template) = &queue.send else {
-                continue;
-            };
-            if let Err(e) = self.write_held_sends(queue, template) {
+            if let Err(e) = self.write_held_sends(queue) {
                 debug!("netvsc {}: queue {} send: {e:?}", self.id, queue.index);
             }
         }
@@ -1650,13 +1630,10 @@ impl NetvscNic {
         self.batch_open.set(false);
         let queues = self.queues.borrow();
         for queue in queues.iter().filter(|q| q.deferred.replace(false)) {
-            let sends = match &queue.send {
-                Some(template) => self.write_held_sends(queue, template).map(|_| ()),
-                None => Ok(()),
-            };
-            let done = sends
+            let done = self
+                .write_held_sends(queue)
                 .map_err(NetvscError::from)
-                .and_then(|()| self.flush_acks(queue))
+                .and_then(|_| self.flush_acks(queue))
                 .and_then(|_| self.finish_batch(queue));
             if let Err(e) = done {
                 debug!("netvsc {}: queue {} batch end: {e}", self.id, queue.index);
