@@ -263,45 +263,21 @@ async fn drop_gpadl(device: &Device, gpadl: u32) {
 
 /// Receive buffer (GPADL, id 0xCAFE) and send buffer (id 0), checking the host's layout.
 async fn setup_buffers(device: &Device, nic: &NetvscNic) -> Result<(), NetvscError> {
-    let bus = device.bus()?;
-    let recv: Rc<dyn SharedBuffer> = Rc::from(
-        bus.allocator()
-            .alloc(pages_for(nic.config.recv_buffer_bytes))?,
-    );
-    let gpadl = device.create_gpadl(recv.clone()).await?;
-    let limit = match receive_buffer_layout(nic, gpadl, recv.len()).await {
-        Ok(limit) if !nic.removed() => limit,
-        Ok(_) => {
-            drop_gpadl(device, gpadl).await;
-            return Err(ChannelError::Rescinded.into());
-        }
-        Err(e) => {
-            drop_gpadl(device, gpadl).await;
-            return Err(e);
-        }
-    };
+    let (recv, gpadl, limit) = host_buffer(device, nic, nic.config.recv_buffer_bytes, |g, len| {
+        receive_buffer_layout(nic, g, len)
+    })
+    .await?;
     *nic.recv.borrow_mut() = Some(RecvBuffer {
         buf: recv,
         limit,
         gpadl,
     });
 
-    let send: Rc<dyn SharedBuffer> = Rc::from(
-        bus.allocator()
-            .alloc(pages_for(nic.config.send_buffer_bytes))?,
-    );
-    let gpadl = device.create_gpadl(send.clone()).await?;
-    let section_size = match send_buffer_layout(nic, gpadl, send.len()).await {
-        Ok(size) if !nic.removed() => size,
-        Ok(_) => {
-            drop_gpadl(device, gpadl).await;
-            return Err(ChannelError::Rescinded.into());
-        }
-        Err(e) => {
-            drop_gpadl(device, gpadl).await;
-            return Err(e);
-        }
-    };
+    let (send, gpadl, section_size) =
+        host_buffer(device, nic, nic.config.send_buffer_bytes, |g, len| {
+            send_buffer_layout(nic, g, len)
+        })
+        .await?;
     let count = send.len() / section_size;
     *nic.send.borrow_mut() = Some(SendBuffer {
         buf: send,
@@ -310,6 +286,33 @@ async fn setup_buffers(device: &Device, nic: &NetvscNic) -> Result<(), NetvscErr
         gpadl,
     });
     Ok(())
+}
+
+/// Allocates `bytes` of shared memory, gives it a GPADL and has the host take it with
+/// `layout` (given the GPADL and the length; it answers the layout's figure). The GPADL
+/// is torn down again if the host refuses or the NIC went away meanwhile.
+async fn host_buffer<Fut>(
+    device: &Device,
+    nic: &NetvscNic,
+    bytes: usize,
+    layout: impl FnOnce(u32, usize) -> Fut,
+) -> Result<(Rc<dyn SharedBuffer>, u32, usize), NetvscError>
+where
+    Fut: core::future::Future<Output = Result<usize, NetvscError>>,
+{
+    let buf: Rc<dyn SharedBuffer> = Rc::from(device.bus()?.allocator().alloc(pages_for(bytes))?);
+    let gpadl = device.create_gpadl(buf.clone()).await?;
+    match layout(gpadl, buf.len()).await {
+        Ok(figure) if !nic.removed() => Ok((buf, gpadl, figure)),
+        Ok(_) => {
+            drop_gpadl(device, gpadl).await;
+            Err(ChannelError::Rescinded.into())
+        }
+        Err(e) => {
+            drop_gpadl(device, gpadl).await;
+            Err(e)
+        }
+    }
 }
 
 /// SEND_RECV_BUF for `gpadl` (a buffer of `len` bytes); returns the end of the host's
