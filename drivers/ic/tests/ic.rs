@@ -195,11 +195,16 @@ fn world(h: &Handle, seed: u64) -> Rc<IcWorld> {
     w
 }
 
-fn heartbeat(w: &IcWorld, n: u8, versions: Option<IcVersions>) -> (DeviceId, IcHandle<Heartbeat>) {
+/// Adds host device `n` running a fresh `S`, offering `versions` (or the usual ones).
+fn add_ic<S: hvemu::ic::HostService + Default>(
+    w: &IcWorld,
+    n: u8,
+    versions: Option<IcVersions>,
+) -> (DeviceId, IcHandle<S>) {
     let (spec, handle) = host_scope(|| {
         let dev = match versions {
-            Some(v) => IcDevice::with_versions(Heartbeat::default(), v),
-            None => IcDevice::new(Heartbeat::default()),
+            Some(v) => IcDevice::with_versions(S::default(), v),
+            None => IcDevice::new(S::default()),
         };
         let handle = dev.handle();
         (dev.into_device_spec(instance(n)), handle)
@@ -207,35 +212,23 @@ fn heartbeat(w: &IcWorld, n: u8, versions: Option<IcVersions>) -> (DeviceId, IcH
     (w.add(spec), handle)
 }
 
+fn heartbeat(w: &IcWorld, n: u8, versions: Option<IcVersions>) -> (DeviceId, IcHandle<Heartbeat>) {
+    add_ic(w, n, versions)
+}
+
+/// The shutdown device, also what the power control reports to.
 fn shutdown(w: &IcWorld, n: u8) -> (DeviceId, IcHandle<Shutdown>) {
-    let (spec, handle) = host_scope(|| {
-        let dev = IcDevice::new(Shutdown::default());
-        let handle = dev.handle();
-        (dev.into_device_spec(instance(n)), handle)
-    });
+    let (id, handle) = add_ic(w, n, None);
     *w.power.host_view.borrow_mut() = Some(handle.clone());
-    (w.add(spec), handle)
+    (id, handle)
 }
 
 fn timesync(w: &IcWorld, n: u8, versions: Option<IcVersions>) -> (DeviceId, IcHandle<Timesync>) {
-    let (spec, handle) = host_scope(|| {
-        let dev = match versions {
-            Some(v) => IcDevice::with_versions(Timesync::default(), v),
-            None => IcDevice::new(Timesync::default()),
-        };
-        let handle = dev.handle();
-        (dev.into_device_spec(instance(n)), handle)
-    });
-    (w.add(spec), handle)
+    add_ic(w, n, versions)
 }
 
 fn kvp(w: &IcWorld, n: u8) -> (DeviceId, IcHandle<Kvp>) {
-    let (spec, handle) = host_scope(|| {
-        let dev = IcDevice::new(Kvp::default());
-        let handle = dev.handle();
-        (dev.into_device_spec(instance(n)), handle)
-    });
-    (w.add(spec), handle)
+    add_ic(w, n, None)
 }
 
 /// Waits (virtual time) until `cond` holds, checking every 200 us, for at most `limit`.
