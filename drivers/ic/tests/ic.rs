@@ -231,6 +231,35 @@ fn kvp(w: &IcWorld, n: u8) -> (DeviceId, IcHandle<Kvp>) {
     add_ic(w, n, None)
 }
 
+/// Connects and offers all four services at once (devices 1 to 4); returns their host
+/// handles once each has negotiated.
+async fn all_four(
+    w: &IcWorld,
+    h: &Handle,
+) -> Result<
+    (
+        IcHandle<Heartbeat>,
+        IcHandle<Shutdown>,
+        IcHandle<Timesync>,
+        IcHandle<Kvp>,
+    ),
+    String,
+> {
+    w.bus().connect().await.map_err(|e| format!("{e:?}"))?;
+    let (_, hb) = heartbeat(w, 1, None);
+    let (_, sd) = shutdown(w, 2);
+    let (_, ts) = timesync(w, 3, None);
+    let (_, kv) = kvp(w, 4);
+    until(h, "four negotiations", SECOND, || {
+        negotiated(&hb).is_some()
+            && negotiated(&sd).is_some()
+            && negotiated(&ts).is_some()
+            && negotiated(&kv).is_some()
+    })
+    .await?;
+    Ok((hb, sd, ts, kv))
+}
+
 /// Waits (virtual time) until `cond` holds, checking every 200 us, for at most `limit`.
 async fn until(h: &Handle, what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Res {
     let deadline = h.now().saturating_add(limit);
@@ -285,18 +314,7 @@ fn v(major: u16, minor: u16) -> IcVersion {
 fn negotiation_picks_the_expected_versions() {
     check_seeds(20, |seed| {
         in_world(seed, |w, h| async move {
-            w.bus().connect().await.map_err(|e| format!("{e:?}"))?;
-            let (_, hb) = heartbeat(&w, 1, None);
-            let (_, sd) = shutdown(&w, 2);
-            let (_, ts) = timesync(&w, 3, None);
-            let (_, kv) = kvp(&w, 4);
-            until(&h, "four negotiations", SECOND, || {
-                negotiated(&hb).is_some()
-                    && negotiated(&sd).is_some()
-                    && negotiated(&ts).is_some()
-                    && negotiated(&kv).is_some()
-            })
-            .await?;
+            let (hb, sd, ts, kv) = all_four(&w, &h).await?;
             let want = |m: IcVersion| {
                 Some(Negotiated {
                     framework: v(3, 0),
@@ -688,18 +706,7 @@ fn kvp_enumeration_ip_info_and_store() {
 fn malformed_messages_are_dropped_and_counted() {
     check_seeds(8, |seed| {
         in_world(seed, |w, h| async move {
-            w.bus().connect().await.map_err(|e| format!("{e:?}"))?;
-            let (_, hb) = heartbeat(&w, 1, None);
-            let (_, sd) = shutdown(&w, 2);
-            let (_, ts) = timesync(&w, 3, None);
-            let (_, kv) = kvp(&w, 4);
-            until(&h, "negotiations", SECOND, || {
-                negotiated(&hb).is_some()
-                    && negotiated(&sd).is_some()
-                    && negotiated(&ts).is_some()
-                    && negotiated(&kv).is_some()
-            })
-            .await?;
+            let (hb, sd, ts, kv) = all_four(&w, &h).await?;
             host_scope(|| hb.set_beat_on_poll(false));
             h.sleep(Duration::from_millis(2)).await;
             let beats = host_scope(|| hb.heartbeat().answered);
