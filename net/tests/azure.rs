@@ -116,6 +116,31 @@ fn az_world(handle: &Handle, seed: u64, config: ManagerConfig) -> AzWorld {
     }
 }
 
+/// Runs `body` for `seed` in a fresh world (manager `config`, the fabric set up by
+/// `fabric`) once NIC "nic-a" with `queues` queues is registered and eth0 has its lease;
+/// `body` gets the world and that address.
+fn on_leased_nic<Fut>(
+    seed: u64,
+    config: ManagerConfig,
+    queues: usize,
+    fabric: impl FnOnce(&mut AzureFabric),
+    body: impl FnOnce(Rc<AzWorld>, Ipv4Addr) -> Fut + 'static,
+) -> Outcome
+where
+    Fut: std::future::Future<Output = Outcome> + 'static,
+{
+    let sim = sim(seed);
+    let w = Rc::new(az_world(&sim.handle(), seed, config));
+    w.fabric(fabric);
+    let nic = w.wire.nic("nic-a", mac(1), queues);
+    sim.run(async move {
+        register(&w.manager, &nic).await;
+        let address = w.lease("eth0").await?;
+        body(w, address).await
+    })
+    .map_err(|e| e.to_string())?
+}
+
 impl AzWorld {
     fn fabric<R>(&self, f: impl FnOnce(&mut AzureFabric) -> R) -> R {
         let r = host_scope(|| f(&mut self.fabric.borrow_mut()));
@@ -241,79 +266,79 @@ fn check_single_ready(w: &AzWorld, seed: u64) -> Outcome {
 #[test]
 fn ready_is_reported_once_and_imds_is_on_the_status_page() {
     check_seeds(8, |seed| {
-        let sim = sim(seed);
-        let w = Rc::new(az_world(&sim.handle(), seed, azure_on()));
-        let nic = w.wire.nic("nic-a", mac(1), 2);
-        sim.run(async move {
-            register(&w.manager, &nic).await;
-            let address = w.lease("eth0").await?;
-            let status = w.settled(Duration::from_secs(60)).await?;
-            ensure(status.attempts == 1, || format!("{status:?}"))?;
-            ensure(status.interface.as_deref() == Some("eth0"), || {
-                format!("{status:?}")
-            })?;
-            check_single_ready(&w, seed)?;
-            w.until(Duration::from_secs(30), "IMDS", || {
-                w.status().imds == ImdsState::Done
-            })
-            .await?;
-            let status = w.status();
-            let info = status.imds_info.clone().ok_or("no IMDS info")?;
-            ensure(
-                info.name == format!("hvnet-{seed}")
-                    && info.vm_size == "Standard_D4s_v5"
-                    && info.location == "northeurope"
-                    && status.imds_attempts == 1,
-                || format!("{status:?}"),
-            )?;
-            ensure(
-                info.interfaces.len() == 1
-                    && info.interfaces[0].mac == Some(mac(1))
-                    && info.interfaces[0].ipv4 == [POOL_START],
-                || format!("{info:?}"),
-            )?;
-            let json = w.status_json(address).await?;
-            let azure = &json["azure"];
-            let checks = [
-                (azure["enabled"] == true, "enabled"),
-                (azure["state"] == "ready", "state"),
-                (azure["interface"] == "eth0", "interface"),
-                (azure["attempts"] == 1, "attempts"),
-                (azure["instance_id"] == INSTANCE, "instance"),
-                (azure["imds"]["state"] == "done", "imds state"),
-                (
-                    azure["imds"]["vm_name"] == format!("hvnet-{seed}"),
-                    "vm name",
-                ),
-                (azure["imds"]["vm_size"] == "Standard_D4s_v5", "vm size"),
-                (azure["imds"]["location"] == "northeurope", "location"),
-                (
-                    azure["imds"]["interfaces"][0]["mac"] == "00:15:5d:00:00:01",
-                    "mac",
-                ),
-                (
-                    azure["imds"]["interfaces"][0]["ipv4"][0] == POOL_START.to_string(),
-                    "ipv4",
-                ),
-                (
-                    json["interfaces"][0]["name"] == "eth0",
-                    "interfaces untouched",
-                ),
-            ];
-            for (ok, what) in checks {
-                ensure(ok, || format!("{what} wrong in {json:#}"))?;
-            }
-            // Once per boot: a long wait sends nothing more.
-            let before = w.fabric(|f| f.counters());
-            w.handle.sleep(Duration::from_secs(300)).await;
-            let after = w.fabric(|f| f.counters());
-            ensure(
-                (after.goal_state, after.health, after.imds) == (1, 1, 1) && before == after,
-                || format!("{before:?} then {after:?}"),
-            )?;
-            check_single_ready(&w, seed)
-        })
-        .map_err(|e| e.to_string())?
+        on_leased_nic(
+            seed,
+            azure_on(),
+            2,
+            |_| {},
+            move |w, address| async move {
+                let status = w.settled(Duration::from_secs(60)).await?;
+                ensure(status.attempts == 1, || format!("{status:?}"))?;
+                ensure(status.interface.as_deref() == Some("eth0"), || {
+                    format!("{status:?}")
+                })?;
+                check_single_ready(&w, seed)?;
+                w.until(Duration::from_secs(30), "IMDS", || {
+                    w.status().imds == ImdsState::Done
+                })
+                .await?;
+                let status = w.status();
+                let info = status.imds_info.clone().ok_or("no IMDS info")?;
+                ensure(
+                    info.name == format!("hvnet-{seed}")
+                        && info.vm_size == "Standard_D4s_v5"
+                        && info.location == "northeurope"
+                        && status.imds_attempts == 1,
+                    || format!("{status:?}"),
+                )?;
+                ensure(
+                    info.interfaces.len() == 1
+                        && info.interfaces[0].mac == Some(mac(1))
+                        && info.interfaces[0].ipv4 == [POOL_START],
+                    || format!("{info:?}"),
+                )?;
+                let json = w.status_json(address).await?;
+                let azure = &json["azure"];
+                let checks = [
+                    (azure["enabled"] == true, "enabled"),
+                    (azure["state"] == "ready", "state"),
+                    (azure["interface"] == "eth0", "interface"),
+                    (azure["attempts"] == 1, "attempts"),
+                    (azure["instance_id"] == INSTANCE, "instance"),
+                    (azure["imds"]["state"] == "done", "imds state"),
+                    (
+                        azure["imds"]["vm_name"] == format!("hvnet-{seed}"),
+                        "vm name",
+                    ),
+                    (azure["imds"]["vm_size"] == "Standard_D4s_v5", "vm size"),
+                    (azure["imds"]["location"] == "northeurope", "location"),
+                    (
+                        azure["imds"]["interfaces"][0]["mac"] == "00:15:5d:00:00:01",
+                        "mac",
+                    ),
+                    (
+                        azure["imds"]["interfaces"][0]["ipv4"][0] == POOL_START.to_string(),
+                        "ipv4",
+                    ),
+                    (
+                        json["interfaces"][0]["name"] == "eth0",
+                        "interfaces untouched",
+                    ),
+                ];
+                for (ok, what) in checks {
+                    ensure(ok, || format!("{what} wrong in {json:#}"))?;
+                }
+                // Once per boot: a long wait sends nothing more.
+                let before = w.fabric(|f| f.counters());
+                w.handle.sleep(Duration::from_secs(300)).await;
+                let after = w.fabric(|f| f.counters());
+                ensure(
+                    (after.goal_state, after.health, after.imds) == (1, 1, 1) && before == after,
+                    || format!("{before:?} then {after:?}"),
+                )?;
+                check_single_ready(&w, seed)
+            },
+        )
     });
 }
 
@@ -322,45 +347,44 @@ fn ready_is_reported_once_and_imds_is_on_the_status_page() {
 #[test]
 fn server_errors_are_retried_with_backoff() {
     check_seeds(6, |seed| {
-        let sim = sim(seed);
-        let w = Rc::new(az_world(&sim.handle(), seed, azure_on()));
-        w.fabric(|f| {
-            let faults = f.faults_mut();
-            faults.fail_goal_state = 3;
-            faults.fail_health = 2;
-            faults.fail_imds = 2;
-        });
-        let nic = w.wire.nic("nic-a", mac(1), 1);
-        sim.run(async move {
-            register(&w.manager, &nic).await;
-            w.lease("eth0").await?;
-            let start = w.handle.now();
-            let status = w.settled(Duration::from_secs(600)).await?;
-            let took = w.handle.now().saturating_duration_since(start);
-            // Attempts 1-3: goal state 500; 4-5: health 500; 6: through.
-            ensure(status.attempts == 6, || format!("{status:?}"))?;
-            // Waits after attempts 1..5: 1 + 2 + 4 + 8 + 15 s.
-            ensure(
-                took >= Duration::from_secs(30) && took < Duration::from_secs(90),
-                || format!("took {took:?}"),
-            )?;
-            let c = w.fabric(|f| f.counters());
-            ensure(
-                (c.goal_state, c.health, c.injected_failures) == (6, 3, 7),
-                || format!("{c:?}"),
-            )?;
-            check_single_ready(&w, seed)?;
-            w.until(Duration::from_secs(60), "IMDS", || {
-                w.status().imds == ImdsState::Done
-            })
-            .await?;
-            let status = w.status();
-            ensure(
-                status.imds_attempts == 3 && status.imds_error.is_none(),
-                || format!("{status:?}"),
-            )
-        })
-        .map_err(|e| e.to_string())?
+        on_leased_nic(
+            seed,
+            azure_on(),
+            1,
+            |f| {
+                let faults = f.faults_mut();
+                faults.fail_goal_state = 3;
+                faults.fail_health = 2;
+                faults.fail_imds = 2;
+            },
+            move |w, _| async move {
+                let start = w.handle.now();
+                let status = w.settled(Duration::from_secs(600)).await?;
+                let took = w.handle.now().saturating_duration_since(start);
+                // Attempts 1-3: goal state 500; 4-5: health 500; 6: through.
+                ensure(status.attempts == 6, || format!("{status:?}"))?;
+                // Waits after attempts 1..5: 1 + 2 + 4 + 8 + 15 s.
+                ensure(
+                    took >= Duration::from_secs(30) && took < Duration::from_secs(90),
+                    || format!("took {took:?}"),
+                )?;
+                let c = w.fabric(|f| f.counters());
+                ensure(
+                    (c.goal_state, c.health, c.injected_failures) == (6, 3, 7),
+                    || format!("{c:?}"),
+                )?;
+                check_single_ready(&w, seed)?;
+                w.until(Duration::from_secs(60), "IMDS", || {
+                    w.status().imds == ImdsState::Done
+                })
+                .await?;
+                let status = w.status();
+                ensure(
+                    status.imds_attempts == 3 && status.imds_error.is_none(),
+                    || format!("{status:?}"),
+                )
+            },
+        )
     });
 }
 
@@ -369,31 +393,30 @@ fn server_errors_are_retried_with_backoff() {
 #[test]
 fn timeouts_are_retried() {
     check_seeds(6, |seed| {
-        let sim = sim(seed);
-        let w = Rc::new(az_world(&sim.handle(), seed, azure_on()));
         let ignored = 1 + (seed % 3) as u32;
-        w.fabric(|f| f.faults_mut().ignore_connections = ignored);
-        let nic = w.wire.nic("nic-a", mac(1), 1);
-        sim.run(async move {
-            register(&w.manager, &nic).await;
-            w.lease("eth0").await?;
-            w.settled(Duration::from_secs(600)).await?;
-            check_single_ready(&w, seed)?;
-            w.until(Duration::from_secs(120), "IMDS", || {
-                w.status().imds == ImdsState::Done
-            })
-            .await?;
-            let status = w.status();
-            let c = w.fabric(|f| f.counters());
-            ensure(c.ignored_connections == u64::from(ignored), || {
-                format!("{c:?}")
-            })?;
-            ensure(
-                status.attempts + status.imds_attempts == 2 + ignored,
-                || format!("{status:?} with {ignored} connections ignored"),
-            )
-        })
-        .map_err(|e| e.to_string())?
+        on_leased_nic(
+            seed,
+            azure_on(),
+            1,
+            |f| f.faults_mut().ignore_connections = ignored,
+            move |w, _| async move {
+                w.settled(Duration::from_secs(600)).await?;
+                check_single_ready(&w, seed)?;
+                w.until(Duration::from_secs(120), "IMDS", || {
+                    w.status().imds == ImdsState::Done
+                })
+                .await?;
+                let status = w.status();
+                let c = w.fabric(|f| f.counters());
+                ensure(c.ignored_connections == u64::from(ignored), || {
+                    format!("{c:?}")
+                })?;
+                ensure(
+                    status.attempts + status.imds_attempts == 2 + ignored,
+                    || format!("{status:?} with {ignored} connections ignored"),
+                )
+            },
+        )
     });
 }
 
@@ -403,8 +426,6 @@ fn timeouts_are_retried() {
 #[test]
 fn bad_responses_are_retried() {
     check_seeds(6, |seed| {
-        let sim = sim(seed);
-        let w = Rc::new(az_world(&sim.handle(), seed, azure_on()));
         let spoils = [
             Malformation::GarbageBody,
             Malformation::TruncatedBody,
@@ -417,32 +438,34 @@ fn bad_responses_are_retried() {
         // A different order per seed.
         let mut order = spoils.to_vec();
         order.rotate_left((seed as usize) % spoils.len());
-        w.fabric(|f| {
-            let faults = f.faults_mut();
-            faults.malformed_goal_state = order.iter().copied().collect();
-            faults.malformed_imds = [Malformation::GarbageBody, Malformation::TruncatedBody].into();
-        });
-        let nic = w.wire.nic("nic-a", mac(1), 1);
-        sim.run(async move {
-            register(&w.manager, &nic).await;
-            let address = w.lease("eth0").await?;
-            let status = w.settled(Duration::from_secs(900)).await?;
-            ensure(status.attempts == 8, || format!("{status:?}"))?;
-            check_single_ready(&w, seed)?;
-            w.until(Duration::from_secs(120), "IMDS", || {
-                w.status().imds == ImdsState::Done
-            })
-            .await?;
-            ensure(w.status().imds_attempts == 3, || {
-                format!("{:?}", w.status())
-            })?;
-            ensure(w.fabric(|f| f.counters().malformed) == 9, || {
-                format!("{:?}", w.fabric(|f| f.counters()))
-            })?;
-            // The appliance is fine after all that.
-            w.ping(address, 2).await
-        })
-        .map_err(|e| e.to_string())?
+        on_leased_nic(
+            seed,
+            azure_on(),
+            1,
+            |f| {
+                let faults = f.faults_mut();
+                faults.malformed_goal_state = order.iter().copied().collect();
+                faults.malformed_imds =
+                    [Malformation::GarbageBody, Malformation::TruncatedBody].into();
+            },
+            move |w, address| async move {
+                let status = w.settled(Duration::from_secs(900)).await?;
+                ensure(status.attempts == 8, || format!("{status:?}"))?;
+                check_single_ready(&w, seed)?;
+                w.until(Duration::from_secs(120), "IMDS", || {
+                    w.status().imds == ImdsState::Done
+                })
+                .await?;
+                ensure(w.status().imds_attempts == 3, || {
+                    format!("{:?}", w.status())
+                })?;
+                ensure(w.fabric(|f| f.counters().malformed) == 9, || {
+                    format!("{:?}", w.fabric(|f| f.counters()))
+                })?;
+                // The appliance is fine after all that.
+                w.ping(address, 2).await
+            },
+        )
     });
 }
 
@@ -452,36 +475,35 @@ fn bad_responses_are_retried() {
 #[test]
 fn a_new_incarnation_is_picked_up_on_retry() {
     check_seeds(4, |seed| {
-        let sim = sim(seed);
         let mut config = fabric_config(seed);
         config.strict_incarnation = true;
-        let w = Rc::new(az_world(&sim.handle(), seed, azure_on()));
         let old = config.incarnation;
-        w.fabric(|f| {
-            *f = AzureFabric::new(config.clone());
-            f.faults_mut().incarnation_after_goal_state = Some(old + 40);
-        });
-        let nic = w.wire.nic("nic-a", mac(1), 1);
-        sim.run(async move {
-            register(&w.manager, &nic).await;
-            w.lease("eth0").await?;
-            let status = w.settled(Duration::from_secs(120)).await?;
-            let reports = w.fabric(|f| f.reports().to_vec());
-            let seen: Vec<_> = reports
-                .iter()
-                .map(|r| (r.incarnation, r.accepted))
-                .collect();
-            ensure(seen == [(Some(old), false), (Some(old + 40), true)], || {
-                format!("{reports:#?}")
-            })?;
-            ensure(
-                status.state == AzureState::Ready
-                    && status.attempts == 2
-                    && status.incarnation == Some(old + 40),
-                || format!("{status:?}"),
-            )
-        })
-        .map_err(|e| e.to_string())?
+        on_leased_nic(
+            seed,
+            azure_on(),
+            1,
+            |f| {
+                *f = AzureFabric::new(config.clone());
+                f.faults_mut().incarnation_after_goal_state = Some(old + 40);
+            },
+            move |w, _| async move {
+                let status = w.settled(Duration::from_secs(120)).await?;
+                let reports = w.fabric(|f| f.reports().to_vec());
+                let seen: Vec<_> = reports
+                    .iter()
+                    .map(|r| (r.incarnation, r.accepted))
+                    .collect();
+                ensure(seen == [(Some(old), false), (Some(old + 40), true)], || {
+                    format!("{reports:#?}")
+                })?;
+                ensure(
+                    status.state == AzureState::Ready
+                        && status.attempts == 2
+                        && status.incarnation == Some(old + 40),
+                    || format!("{status:?}"),
+                )
+            },
+        )
     });
 }
 
@@ -491,50 +513,49 @@ fn a_new_incarnation_is_picked_up_on_retry() {
 #[test]
 fn the_agent_gives_up_without_disturbing_the_appliance() {
     check_seeds(3, |seed| {
-        let sim = sim(seed);
-        let w = Rc::new(az_world(&sim.handle(), seed, azure_on()));
-        w.fabric(|f| f.faults_mut().fail_goal_state = u32::MAX);
-        let nic = w.wire.nic("nic-a", mac(1), 1);
-        sim.run(async move {
-            register(&w.manager, &nic).await;
-            let address = w.lease("eth0").await?;
-            // While it retries, the appliance answers.
-            let mut rounds = 0;
-            while w.status().state != AzureState::Failed {
-                w.ping(address, 1).await?;
-                let json = w.status_json(address).await?;
-                ensure(json["interfaces"][0]["name"] == "eth0", || {
-                    format!("{json:#}")
+        on_leased_nic(
+            seed,
+            azure_on(),
+            1,
+            |f| f.faults_mut().fail_goal_state = u32::MAX,
+            move |w, address| async move {
+                // While it retries, the appliance answers.
+                let mut rounds = 0;
+                while w.status().state != AzureState::Failed {
+                    w.ping(address, 1).await?;
+                    let json = w.status_json(address).await?;
+                    ensure(json["interfaces"][0]["name"] == "eth0", || {
+                        format!("{json:#}")
+                    })?;
+                    rounds += 1;
+                    ensure(rounds < 400, || format!("still going: {:?}", w.status()))?;
+                    w.handle.sleep(Duration::from_secs(2)).await;
+                }
+                ensure(rounds > 50, || {
+                    format!("only {rounds} rounds of traffic during the retries")
                 })?;
-                rounds += 1;
-                ensure(rounds < 400, || format!("still going: {:?}", w.status()))?;
-                w.handle.sleep(Duration::from_secs(2)).await;
-            }
-            ensure(rounds > 50, || {
-                format!("only {rounds} rounds of traffic during the retries")
-            })?;
-            let status = w.status();
-            ensure(
-                status.attempts == 30 && status.last_error == Some(AgentError::Status(500)),
-                || format!("{status:?}"),
-            )?;
-            ensure(status.imds == ImdsState::Done, || format!("{status:?}"))?;
-            let before = w.fabric(|f| f.counters());
-            ensure(before.goal_state == 30 && before.health == 0, || {
-                format!("{before:?}")
-            })?;
-            w.handle.sleep(Duration::from_secs(600)).await;
-            ensure(w.fabric(|f| f.counters()) == before, || {
-                "requests after giving up".into()
-            })?;
-            let json = w.status_json(address).await?;
-            ensure(
-                json["azure"]["state"] == "failed"
-                    && json["azure"]["last_error"] == "HTTP status 500",
-                || format!("{json:#}"),
-            )
-        })
-        .map_err(|e| e.to_string())?
+                let status = w.status();
+                ensure(
+                    status.attempts == 30 && status.last_error == Some(AgentError::Status(500)),
+                    || format!("{status:?}"),
+                )?;
+                ensure(status.imds == ImdsState::Done, || format!("{status:?}"))?;
+                let before = w.fabric(|f| f.counters());
+                ensure(before.goal_state == 30 && before.health == 0, || {
+                    format!("{before:?}")
+                })?;
+                w.handle.sleep(Duration::from_secs(600)).await;
+                ensure(w.fabric(|f| f.counters()) == before, || {
+                    "requests after giving up".into()
+                })?;
+                let json = w.status_json(address).await?;
+                ensure(
+                    json["azure"]["state"] == "failed"
+                        && json["azure"]["last_error"] == "HTTP status 500",
+                    || format!("{json:#}"),
+                )
+            },
+        )
     });
 }
 
@@ -543,28 +564,27 @@ fn the_agent_gives_up_without_disturbing_the_appliance() {
 #[test]
 fn imds_failure_does_not_hold_back_the_report() {
     check_seeds(3, |seed| {
-        let sim = sim(seed);
-        let w = Rc::new(az_world(&sim.handle(), seed, azure_on()));
-        w.fabric(|f| f.faults_mut().fail_imds = u32::MAX);
-        let nic = w.wire.nic("nic-a", mac(1), 1);
-        sim.run(async move {
-            register(&w.manager, &nic).await;
-            w.lease("eth0").await?;
-            w.settled(Duration::from_secs(60)).await?;
-            check_single_ready(&w, seed)?;
-            w.until(Duration::from_secs(120), "IMDS to give up", || {
-                w.status().imds == ImdsState::Failed
-            })
-            .await?;
-            let status = w.status();
-            ensure(
-                status.imds_attempts == AzureConfig::default().imds_attempts
-                    && status.imds_info.is_none()
-                    && status.imds_error == Some(AgentError::Status(500)),
-                || format!("{status:?}"),
-            )
-        })
-        .map_err(|e| e.to_string())?
+        on_leased_nic(
+            seed,
+            azure_on(),
+            1,
+            |f| f.faults_mut().fail_imds = u32::MAX,
+            move |w, _| async move {
+                w.settled(Duration::from_secs(60)).await?;
+                check_single_ready(&w, seed)?;
+                w.until(Duration::from_secs(120), "IMDS to give up", || {
+                    w.status().imds == ImdsState::Failed
+                })
+                .await?;
+                let status = w.status();
+                ensure(
+                    status.imds_attempts == AzureConfig::default().imds_attempts
+                        && status.imds_info.is_none()
+                        && status.imds_error == Some(AgentError::Status(500)),
+                    || format!("{status:?}"),
+                )
+            },
+        )
     });
 }
 
@@ -572,28 +592,28 @@ fn imds_failure_does_not_hold_back_the_report() {
 #[test]
 fn a_disabled_agent_sends_nothing() {
     check_seeds(3, |seed| {
-        let sim = sim(seed);
-        let w = Rc::new(az_world(&sim.handle(), seed, test_config()));
-        let nic = w.wire.nic("nic-a", mac(1), 1);
-        sim.run(async move {
-            register(&w.manager, &nic).await;
-            let address = w.lease("eth0").await?;
-            // The fabric is the gateway: it answers ping to its own address, so the
-            // route works; the agent just does not use it.
-            w.handle.sleep(Duration::from_secs(120)).await;
-            let c = w.fabric(|f| f.counters());
-            ensure(c.connections == 0 && c.requests == 0, || format!("{c:?}"))?;
-            let status = w.status();
-            ensure(!status.enabled && status.state == AzureState::Idle, || {
-                format!("{status:?}")
-            })?;
-            let json = w.status_json(address).await?;
-            ensure(
-                json["azure"]["enabled"] == false && json["azure"]["state"] == "idle",
-                || format!("{json:#}"),
-            )
-        })
-        .map_err(|e| e.to_string())?
+        on_leased_nic(
+            seed,
+            test_config(),
+            1,
+            |_| {},
+            move |w, address| async move {
+                // The fabric is the gateway: it answers ping to its own address, so the
+                // route works; the agent just does not use it.
+                w.handle.sleep(Duration::from_secs(120)).await;
+                let c = w.fabric(|f| f.counters());
+                ensure(c.connections == 0 && c.requests == 0, || format!("{c:?}"))?;
+                let status = w.status();
+                ensure(!status.enabled && status.state == AzureState::Idle, || {
+                    format!("{status:?}")
+                })?;
+                let json = w.status_json(address).await?;
+                ensure(
+                    json["azure"]["enabled"] == false && json["azure"]["state"] == "idle",
+                    || format!("{json:#}"),
+                )
+            },
+        )
     });
 }
 
