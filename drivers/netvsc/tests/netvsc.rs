@@ -184,6 +184,32 @@ async fn one_nic(
     Ok((dev, nv, first_nic(w).await))
 }
 
+/// Heap (`heap_live`), guest pages and tasks.
+type Resources = ((i64, i64), usize, usize);
+
+/// After a NIC of add/remove cycle `cycle` is gone: no GPADL or channel is left, and
+/// heap, guest pages and tasks are back to `baseline` (taken at cycle 1: the first
+/// cycle warms caches such as executor queues and bus tables).
+fn nothing_left(w: &NetWorld, h: &Handle, cycle: u32, baseline: &mut Option<Resources>) -> Res {
+    ensure(w.bus.live_gpadls() == 0, || {
+        format!("cycle {cycle}: {} GPADLs live", w.bus.live_gpadls())
+    })?;
+    ensure(w.bus.live_relids().is_empty(), || {
+        format!("relids {:?}", w.bus.live_relids())
+    })?;
+    let now = (heap_live(), w.memory.live_pages(), h.task_count());
+    match *baseline {
+        None if cycle >= 1 => *baseline = Some(now),
+        Some(b) if b != now => {
+            return Err(format!(
+                "cycle {cycle}: (heap, pages, tasks) {now:?} vs baseline {b:?}"
+            ))
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 async fn first_nic(w: &NetWorld) -> Rc<dyn Nic> {
     w.registry.registered.acquire(1).await;
     let list = w.registry.lock.lock().await;
@@ -486,23 +512,7 @@ fn hot_remove_under_traffic_and_add_remove_cycles_leak_nothing() {
                 })?;
                 drop(nic);
                 host_scope(|| drop(nv));
-                ensure(w.bus.live_gpadls() == 0, || {
-                    format!("cycle {cycle}: {} GPADLs live", w.bus.live_gpadls())
-                })?;
-                ensure(w.bus.live_relids().is_empty(), || {
-                    format!("relids {:?}", w.bus.live_relids())
-                })?;
-                let now = (heap_live(), w.memory.live_pages(), h.task_count());
-                // The first cycle warms caches (executor queues, bus tables).
-                match baseline {
-                    None if cycle >= 1 => baseline = Some(now),
-                    Some(b) if b != now => {
-                        return Err(format!(
-                            "cycle {cycle}: (heap, pages, tasks) {now:?} vs baseline {b:?}"
-                        ))
-                    }
-                    _ => {}
-                }
+                nothing_left(&w, &h, cycle, &mut baseline)?;
             }
             Ok::<_, String>(())
         });
@@ -943,23 +953,7 @@ fn rescind_during_mtu_change_leaks_nothing() {
                 ensure(nic.is_removed(), || "removed NIC still live".into())?;
                 drop(nic);
                 host_scope(|| drop(nv));
-                ensure(w.bus.live_gpadls() == 0, || {
-                    format!("cycle {cycle}: {} GPADLs live", w.bus.live_gpadls())
-                })?;
-                ensure(w.bus.live_relids().is_empty(), || {
-                    format!("relids {:?}", w.bus.live_relids())
-                })?;
-                let now = (heap_live(), w.memory.live_pages(), h.task_count());
-                // The first cycle warms caches (executor queues, bus tables).
-                match baseline {
-                    None if cycle >= 1 => baseline = Some(now),
-                    Some(b) if b != now => {
-                        return Err(format!(
-                            "cycle {cycle}: (heap, pages, tasks) {now:?} vs baseline {b:?}"
-                        ))
-                    }
-                    _ => {}
-                }
+                nothing_left(&w, &h, cycle, &mut baseline)?;
             }
             Ok::<_, String>(())
         });
