@@ -660,27 +660,7 @@ impl World {
             m[4..8].copy_from_slice(&(padded as u32).to_le_bytes());
             batch.extend_from_slice(&m);
         }
-        let nic = &self.nics[n];
-        let off = section as usize * nic.send_section_size as usize;
-        let send = nic.send.as_ref().unwrap();
-        buf_io(&self.g.mem, &send.pfns, off, &mut batch.clone(), true);
-        let msg = NvspMessage::SendRndisPacket(SendRndisPacket {
-            channel_type: 0.into(),
-            send_buf_section_index: section.into(),
-            send_buf_section_size: (batch.len() as u32).into(),
-        });
-        let tid = self.send_nvsp(n, 0, &msg);
-        let pkts = self.read_all(n, 0);
-        let c = pkts
-            .iter()
-            .find(|p| p.ptype == COMP && p.tid == tid)
-            .expect("send completion");
-        let NvspMessage::SendRndisPacketComplete(c) =
-            NvspMessage::parse(&c.payload, Sender::Host).unwrap()
-        else {
-            panic!()
-        };
-        c.status.get()
+        self.transmit_raw_section(n, section, &batch)
     }
 
     /// Sends one raw RNDIS message from send section `section`; returns the 108 status.
