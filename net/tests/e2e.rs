@@ -59,6 +59,26 @@ fn netvsc_config() -> NetvscConfig {
     }
 }
 
+/// Runs `body` under `sim` on a fresh stack for `seed` whose VMBus is connected.
+fn on_connected_stack<Fut>(
+    sim: &hvnet_runtime::sim::Simulation,
+    seed: u64,
+    body: impl FnOnce(Rc<Stack>) -> Fut + 'static,
+) -> Result<(), String>
+where
+    Fut: std::future::Future<Output = Result<(), String>> + 'static,
+{
+    let s = stack(&sim.handle(), seed);
+    sim.run(async move {
+        s.bus
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e:?}"))?;
+        body(s).await
+    })
+    .map_err(|e| e.to_string())?
+}
+
 fn stack(handle: &Handle, seed: u64) -> Rc<Stack> {
     let host_config = HostConfig {
         seed,
@@ -197,12 +217,8 @@ async fn tcp_echo(s: &Stack, target: Ipv4Addr, bytes: u64, seed: u64) -> Res {
 fn one_eight_queue_nic_end_to_end() {
     check_seeds(2, |seed| {
         let sim = sim(seed);
-        let s = stack(&sim.handle(), seed);
-        let s2 = s.clone();
         let started = std::time::Instant::now();
-        let result = sim.run(async move {
-            let s = s2;
-            s.bus.connect().await.map_err(|e| format!("connect: {e:?}"))?;
+        on_connected_stack(&sim, seed, move |s| async move {
             let (_, nv) = add_nic(&s, 0, NetvspConfig::default());
             let (name, addr) = wait_lease(&s, nic_mac(0)).await?;
             ensure(name == "eth0", || format!("named {name}"))?;
@@ -212,9 +228,9 @@ fn one_eight_queue_nic_end_to_end() {
             let peer = s.peer.clone();
             wait_until(&s.handle, Duration::from_secs(30), "HTTP status", || {
                 host_scope(|| {
-                    peer.borrow()
-                        .http_status(id)
-                        .is_some_and(|h| !matches!(h.state, FlowState::Connecting | FlowState::Running))
+                    peer.borrow().http_status(id).is_some_and(|h| {
+                        !matches!(h.state, FlowState::Connecting | FlowState::Running)
+                    })
                 })
             })
             .await?;
@@ -231,7 +247,9 @@ fn one_eight_queue_nic_end_to_end() {
                 serde_json::from_str(&body.1).map_err(|e| format!("JSON: {e}: {}", body.1))?;
             let iface = &json["interfaces"][0];
             ensure(iface["name"] == "eth0", || format!("{json}"))?;
-            ensure(iface["queues"].as_array().map(Vec::len) == Some(8), || format!("{json}"))?;
+            ensure(iface["queues"].as_array().map(Vec::len) == Some(8), || {
+                format!("{json}")
+            })?;
             ensure(
                 iface["addresses"].to_string().contains(&addr.to_string()),
                 || format!("{json}"),
@@ -243,7 +261,8 @@ fn one_eight_queue_nic_end_to_end() {
                 host_scope(|| peer.borrow().udp_status(id).is_some_and(|u| u.done))
             })
             .await?;
-            let udp = host_scope(|| s.peer.borrow().udp_status(id).cloned()).ok_or("no UDP flows")?;
+            let udp =
+                host_scope(|| s.peer.borrow().udp_status(id).cloned()).ok_or("no UDP flows")?;
             ensure(udp.all_echoed(), || {
                 format!(
                     "not every UDP datagram was echoed: sent {:?} received {:?}; host {:?}; guest {:?}",
@@ -255,13 +274,16 @@ fn one_eight_queue_nic_end_to_end() {
             })?;
             let stats = host_scope(|| nv.stats());
             for (q, qs) in stats.queues.iter().enumerate() {
-                ensure(qs.rx_frames > 0, || format!("queue {q} got no frames: {stats:?}"))?;
+                ensure(qs.rx_frames > 0, || {
+                    format!("queue {q} got no frames: {stats:?}")
+                })?;
             }
             tcp_echo(&s, addr, 16 << 20, seed).await?;
             let snapshot = s.manager.snapshot();
-            ensure(format!("{snapshot:?}").contains("eth0"), || format!("{snapshot:?}"))
-        });
-        result.map_err(|e| e.to_string())??;
+            ensure(format!("{snapshot:?}").contains("eth0"), || {
+                format!("{snapshot:?}")
+            })
+        })?;
         eprintln!(
             "seed {seed}: {:?} real, {:?} virtual",
             started.elapsed(),
@@ -278,14 +300,7 @@ fn one_eight_queue_nic_end_to_end() {
 fn mtu_change_on_a_live_interface() {
     check_seeds(2, |seed| {
         let sim = sim(seed);
-        let s = stack(&sim.handle(), seed);
-        let s2 = s.clone();
-        let result = sim.run(async move {
-            let s = s2;
-            s.bus
-                .connect()
-                .await
-                .map_err(|e| format!("connect: {e:?}"))?;
+        on_connected_stack(&sim, seed, move |s| async move {
             // A port that allows jumbo frames (up to 9000 bytes).
             let jumbo = NetvspConfig {
                 mtu: 9000,
@@ -339,8 +354,7 @@ fn mtu_change_on_a_live_interface() {
                 .map_err(|e| format!("set_mtu 1500: {e}"))?;
             ensure(mtu(&s) == Some(1500), || format!("MTU {:?}", mtu(&s)))?;
             tcp_echo(&s, addr, 256 << 10, seed + 2).await
-        });
-        result.map_err(|e| e.to_string())??;
+        })?;
         Ok::<_, String>(())
     });
 }
@@ -352,14 +366,7 @@ fn mtu_change_on_a_live_interface() {
 fn four_nics_hot_added_while_traffic_flows() {
     check_seeds(10, |seed| {
         let sim = sim(seed);
-        let s = stack(&sim.handle(), seed);
-        let s2 = s.clone();
-        let result = sim.run(async move {
-            let s = s2;
-            s.bus
-                .connect()
-                .await
-                .map_err(|e| format!("connect: {e:?}"))?;
+        on_connected_stack(&sim, seed, move |s| async move {
             add_nic(&s, 0, NetvspConfig::default());
             let (_, addr0) = wait_lease(&s, nic_mac(0)).await?;
             let flow = host_scope(|| s.peer.borrow_mut().tcp_echo(addr0, 7, 4 << 20, seed));
@@ -400,8 +407,7 @@ fn four_nics_hot_added_while_traffic_flows() {
             )?;
             let names = s.manager.config_lock().lock().await.names();
             ensure(names.len() == 5, || format!("{names:?}"))
-        });
-        result.map_err(|e| e.to_string())??;
+        })?;
         Ok::<_, String>(())
     });
 }
@@ -412,14 +418,7 @@ fn four_nics_hot_added_while_traffic_flows() {
 #[test]
 fn hot_remove_under_traffic_and_200_cycles_leak_nothing() {
     let sim = sim(3);
-    let s = stack(&sim.handle(), 3);
-    let s2 = s.clone();
-    let result = sim.run(async move {
-        let s = s2;
-        s.bus
-            .connect()
-            .await
-            .map_err(|e| format!("connect: {e:?}"))?;
+    on_connected_stack(&sim, 3, move |s| async move {
         let mut baseline = None;
         for cycle in 0..200u32 {
             let (id, _) = add_nic(&s, 7, NetvspConfig::default());
@@ -471,6 +470,6 @@ fn hot_remove_under_traffic_and_200_cycles_leak_nothing() {
             }
         }
         Ok::<_, String>(())
-    });
-    result.map_err(|e| e.to_string()).and_then(|r| r).unwrap();
+    })
+    .unwrap();
 }
