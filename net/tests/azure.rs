@@ -21,7 +21,7 @@ use hvemu::lan::Lan;
 use hvemu::netvsp::{Netvsp, NetvspConfig};
 use hvemu::peers::{
     self, AzureFabric, AzureFabricConfig, DhcpServer, DhcpServerConfig, FlowState, HttpResponse,
-    ImdsNic, Malformation, PeerHost, PeerHostConfig,
+    ImdsNic, Malformation, PeerHost,
 };
 use hvemu::{DeviceId, HostConfig};
 use hvnet_net::azure::{AgentError, AzureConfig};
@@ -95,14 +95,7 @@ fn az_world(handle: &Handle, seed: u64, config: ManagerConfig) -> AzWorld {
     let wire = Wire::new();
     let fabric = host_scope(|| peers::shared(AzureFabric::new(fabric_config(seed))));
     let dhcp = host_scope(|| peers::shared(DhcpServer::new(lan_dhcp())));
-    let peer = host_scope(|| {
-        peers::shared(PeerHost::new(PeerHostConfig {
-            mac: [0x02, 0, 0, 0, 0, 2],
-            ip: PEER_IP,
-            prefix_len: 24,
-            gateway: None,
-        }))
-    });
+    let peer = lan_peer();
     wire.attach(fabric.clone());
     wire.attach(dhcp);
     wire.attach(peer.clone());

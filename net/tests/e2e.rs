@@ -11,7 +11,7 @@ use std::rc::Rc;
 
 use hvemu::lan::Lan;
 use hvemu::netvsp::{Netvsp, NetvspConfig, NetvspHandle};
-use hvemu::peers::{self, DhcpServer, FlowState, PeerHost, PeerHostConfig};
+use hvemu::peers::{self, DhcpServer, FlowState, PeerHost};
 use hvemu::{DeviceId, GuestMemory, HostConfig, VmbusHost};
 use hvnet_net::InterfaceManager;
 use hvnet_netvsc::nic::NicRegistry;
@@ -20,8 +20,8 @@ use hvnet_runtime::testing::check_seeds;
 use hvnet_runtime::{Duration, Handle, Instant};
 use hvnet_vmbus::bus::{VmBus, VmBusConfig};
 use support::{
-    dhcp_config, emu_machine, ensure, heap_live, host_scope, sim, spawn_lan_host, test_config,
-    wait_until, CountingAlloc, EmuMachine, Res, PEER_IP,
+    dhcp_config, emu_machine, ensure, heap_live, host_scope, lan_peer, sim, spawn_lan_host,
+    test_config, wait_until, CountingAlloc, EmuMachine, Res,
 };
 
 #[global_allocator]
@@ -93,14 +93,7 @@ fn stack(handle: &Handle, seed: u64) -> Rc<Stack> {
     )));
     let lan = host_scope(|| Rc::new(RefCell::new(Lan::new())));
     let dhcp = host_scope(|| peers::shared(DhcpServer::new(dhcp_config(3600))));
-    let peer = host_scope(|| {
-        peers::shared(PeerHost::new(PeerHostConfig {
-            mac: [0x02, 0, 0, 0, 0, 2],
-            ip: PEER_IP,
-            prefix_len: 24,
-            gateway: None,
-        }))
-    });
+    let peer = lan_peer();
     host_scope(|| {
         lan.borrow_mut().attach_peer(dhcp.clone());
         lan.borrow_mut().attach_peer(peer.clone());

@@ -547,18 +547,24 @@ pub fn dhcp_config(lease_secs: u32) -> DhcpServerConfig {
     }
 }
 
-/// A wire with a DHCP server and a peer host, its task running, and a manager.
-pub fn world(handle: &Handle, lease_secs: u32, config: ManagerConfig) -> World {
-    let wire = Wire::new();
-    let dhcp = host_scope(|| peers::shared(DhcpServer::new(dhcp_config(lease_secs))));
-    let peer = host_scope(|| {
+/// The LAN's peer host (MAC 02:00:00:00:00:02 at [`PEER_IP`]/24): ping, echo and
+/// HTTP for the tests.
+pub fn lan_peer() -> peers::Shared<PeerHost> {
+    host_scope(|| {
         peers::shared(PeerHost::new(PeerHostConfig {
             mac: [0x02, 0, 0, 0, 0, 2],
             ip: PEER_IP,
             prefix_len: 24,
             gateway: None,
         }))
-    });
+    })
+}
+
+/// A wire with a DHCP server and a peer host, its task running, and a manager.
+pub fn world(handle: &Handle, lease_secs: u32, config: ManagerConfig) -> World {
+    let wire = Wire::new();
+    let dhcp = host_scope(|| peers::shared(DhcpServer::new(dhcp_config(lease_secs))));
+    let peer = lan_peer();
     wire.attach(dhcp.clone());
     wire.attach(peer.clone());
     spawn_wire(handle, wire.clone());
