@@ -454,23 +454,17 @@ async fn run<S: Service>(svc: Rc<S>, ch: OpenedChannel, stop: Rc<Event>, handle:
         if stop.is_set() {
             break;
         }
-        match drain(&*svc, &ch, &mut state, &mut buf) {
-            Ok(false) => {}
+        // Drained: unmask, and look again for what came meanwhile.
+        let more = match drain(&*svc, &ch, &mut state, &mut buf) {
+            Ok(false) => ch.ring().unmask_and_check(),
             Ok(true) => {
                 // A host that keeps writing must not keep this CPU to itself.
                 handle.yield_now().await;
                 continue;
             }
-            Err(e) => {
-                warn!(
-                    "ic {} relid {relid}: ring failed ({e}); channel abandoned",
-                    S::NAME
-                );
-                count(&*svc, |c| c.ring_failures += 1);
-                break;
-            }
-        }
-        match ch.ring().unmask_and_check() {
+            Err(e) => Err(e),
+        };
+        match more {
             Ok(true) => continue,
             Ok(false) => {}
             Err(e) => {
