@@ -477,13 +477,7 @@ fn spawn_source(h: &Handle, nv: NetvspHandle, m: [u8; 6], stop: Rc<RefCell<bool>
 #[test]
 fn hot_remove_under_traffic_and_add_remove_cycles_leak_nothing() {
     check_seeds(10, |seed| {
-        let sim = sim(seed);
-        let h = sim.handle();
-        let w = world(&h, seed);
-        let w2 = w.clone();
-        let h2 = h.clone();
-        let result = sim.run(async move {
-            let (w, h) = (w2, h2);
+        in_world(seed, |w, h| async move {
             w.bus
                 .connect()
                 .await
@@ -514,11 +508,8 @@ fn hot_remove_under_traffic_and_add_remove_cycles_leak_nothing() {
                 host_scope(|| drop(nv));
                 nothing_left(&w, &h, cycle, &mut baseline)?;
             }
-            Ok::<_, String>(())
-        });
-        result.map_err(|e| e.to_string())??;
-        assert_clean(&w);
-        Ok::<_, String>(())
+            Ok(())
+        })
     });
 }
 
@@ -901,13 +892,7 @@ fn mtu_out_of_range_is_refused() {
 #[test]
 fn rescind_during_mtu_change_leaks_nothing() {
     check_seeds(12, |seed| {
-        let sim = sim(seed);
-        let h = sim.handle();
-        let w = world(&h, seed);
-        let w2 = w.clone();
-        let h2 = h.clone();
-        let result = sim.run(async move {
-            let (w, h) = (w2, h2);
+        in_world(seed, |w, h| async move {
             w.bus
                 .connect()
                 .await
@@ -955,11 +940,8 @@ fn rescind_during_mtu_change_leaks_nothing() {
                 host_scope(|| drop(nv));
                 nothing_left(&w, &h, cycle, &mut baseline)?;
             }
-            Ok::<_, String>(())
-        });
-        result.map_err(|e| e.to_string())??;
-        assert_clean(&w);
-        Ok::<_, String>(())
+            Ok(())
+        })
     });
 }
 
