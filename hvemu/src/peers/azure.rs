@@ -37,9 +37,7 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use smoltcp::iface::Route;
-use smoltcp::iface::{
-    Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet,
-};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{
@@ -49,6 +47,7 @@ use smoltcp::wire::{
 
 use super::device::QueueDevice;
 use super::flows::tcp_socket;
+use super::stack::{run_until_idle, StackPeer};
 use super::Endpoint;
 
 /// The WireServer's address.
@@ -69,8 +68,6 @@ const MAX_BODY: usize = 64 * 1024;
 const REQUEST_TIMEOUT_MS: u64 = 30_000;
 /// Requests remembered in [`AzureFabric::requests`].
 const REQUEST_LOG: usize = 1024;
-/// Upper bound on poll rounds in one `transmit`.
-const MAX_POLLS_PER_TRANSMIT: usize = 512;
 
 /// One network interface in the IMDS document.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -863,7 +860,7 @@ impl AzureFabric {
     }
 
     /// Runs the HTTP listeners once; true if anything moved.
-    fn serve(&mut self) -> bool {
+    fn serve_listeners(&mut self) -> bool {
         let mut progress = false;
         for index in 0..self.listeners.len() {
             progress |= self.serve_one(index);
@@ -1028,6 +1025,16 @@ impl AzureFabric {
     }
 }
 
+impl StackPeer for AzureFabric {
+    fn stack(&mut self) -> (&mut Interface, &mut QueueDevice, &mut SocketSet<'static>) {
+        (&mut self.iface, &mut self.device, &mut self.sockets)
+    }
+
+    fn serve(&mut self) -> bool {
+        self.serve_listeners()
+    }
+}
+
 impl Endpoint for AzureFabric {
     fn mac(&self) -> [u8; 6] {
         self.config.mac
@@ -1045,25 +1052,7 @@ impl Endpoint for AzureFabric {
     fn transmit(&mut self, now_ms: u64, out: &mut dyn FnMut(&[u8])) {
         self.now_ms = self.now_ms.max(now_ms);
         let now = Instant::from_millis(self.now_ms as i64);
-        for _ in 0..MAX_POLLS_PER_TRANSMIT {
-            let mut moved = false;
-            while self.device.rx_pending() > 0 {
-                let ingress =
-                    self.iface
-                        .poll_ingress_single(now, &mut self.device, &mut self.sockets);
-                moved |= ingress != PollIngressSingleResult::None;
-                moved |= self.serve();
-                let egress = self
-                    .iface
-                    .poll_egress(now, &mut self.device, &mut self.sockets);
-                moved |= egress != PollResult::None;
-            }
-            moved |= self.iface.poll(now, &mut self.device, &mut self.sockets) != PollResult::None;
-            moved |= self.serve();
-            if !moved {
-                break;
-            }
-        }
+        run_until_idle(self, now);
         while let Some(frame) = self.device.pop_tx() {
             out(&frame);
         }

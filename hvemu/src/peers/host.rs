@@ -3,9 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use smoltcp::iface::{
-    Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet,
-};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
@@ -14,6 +12,7 @@ use super::device::QueueDevice;
 use super::flows::{
     tcp_socket, Apps, FlowId, HttpStatus, PingStatus, TcpEchoStatus, UdpFlowsStatus,
 };
+use super::stack::{run_until_idle, StackPeer};
 use super::Endpoint;
 
 /// The port the TCP and UDP echo servers listen on (RFC 862).
@@ -22,9 +21,6 @@ pub const ECHO_PORT: u16 = 7;
 pub const TCP_BUFFER_SIZE: usize = 64 * 1024;
 /// Listening TCP echo sockets (concurrent echo connections).
 const TCP_ECHO_LISTENERS: usize = 4;
-/// Upper bound on poll rounds in one `transmit` (each egress poll sends at most one segment
-/// per socket).
-const MAX_POLLS_PER_TRANSMIT: usize = 512;
 
 /// Addressing of a [`PeerHost`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -271,6 +267,17 @@ impl PeerHost {
     }
 }
 
+impl StackPeer for PeerHost {
+    fn stack(&mut self) -> (&mut Interface, &mut QueueDevice, &mut SocketSet<'static>) {
+        (&mut self.iface, &mut self.device, &mut self.sockets)
+    }
+
+    fn serve(&mut self) -> bool {
+        let echoed = self.serve_echo();
+        echoed | self.apps.service(&mut self.sockets, self.now_ms)
+    }
+}
+
 impl Endpoint for PeerHost {
     fn mac(&self) -> [u8; 6] {
         self.config.mac
@@ -292,29 +299,7 @@ impl Endpoint for PeerHost {
     fn transmit(&mut self, now_ms: u64, out: &mut dyn FnMut(&[u8])) {
         self.now_ms = self.now_ms.max(now_ms);
         let now = Instant::from_millis(self.now_ms as i64);
-        for _ in 0..MAX_POLLS_PER_TRANSMIT {
-            let mut moved = false;
-            // One frame at a time, with the servers and flows run in between, so a burst
-            // cannot overflow a socket's receive queue before anyone reads it.
-            while self.device.rx_pending() > 0 {
-                let ingress =
-                    self.iface
-                        .poll_ingress_single(now, &mut self.device, &mut self.sockets);
-                moved |= ingress != PollIngressSingleResult::None;
-                moved |= self.serve_echo();
-                moved |= self.apps.service(&mut self.sockets, self.now_ms);
-                let egress = self
-                    .iface
-                    .poll_egress(now, &mut self.device, &mut self.sockets);
-                moved |= egress != PollResult::None;
-            }
-            moved |= self.iface.poll(now, &mut self.device, &mut self.sockets) != PollResult::None;
-            moved |= self.serve_echo();
-            moved |= self.apps.service(&mut self.sockets, self.now_ms);
-            if !moved {
-                break;
-            }
-        }
+        run_until_idle(self, now);
         while let Some(frame) = self.device.pop_tx() {
             self.stats.tx_frames += 1;
             out(&frame);

@@ -25,6 +25,7 @@ mod host;
 mod http;
 mod hub;
 mod pattern;
+mod stack;
 
 use std::cell::RefCell;
 use std::rc::Rc;
